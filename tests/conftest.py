@@ -1,0 +1,56 @@
+"""Shared fixtures: the embedded model and tiny random models of four architectures, all offline."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+ARCHITECTURES = ["llama", "qwen3", "mistral", "gemma2"]
+
+
+@pytest.fixture(scope="session")
+def embedded_folder():
+    """The dequantized SmolLM2 folder (made on first use, then cached)."""
+    from common.models import EMBEDDED_MODELS, dequantized_folder, embedded_gguf_path
+    return dequantized_folder(embedded_gguf_path("smollm2-135m"), EMBEDDED_MODELS["smollm2-135m"].architecture)
+
+
+@pytest.fixture(scope="session")
+def embedded(embedded_folder):
+    """SmolLM2-135M-Instruct loaded the way every run.py loads it (CPU, float32)."""
+    from common.models import load_model
+    return load_model("smollm2-135m", "cpu", "float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_folders(tmp_path_factory, embedded_folder):
+    """{architecture: folder} of tiny random models saved like real checkpoints."""
+    from tiny_models import build_tiny_model
+    root = tmp_path_factory.mktemp("tiny")
+    return {name: build_tiny_model(name, root / name, embedded_folder) for name in ARCHITECTURES}
+
+
+_loaded = {}
+
+
+@pytest.fixture(params=ARCHITECTURES)
+def tiny(request, tiny_folders):
+    """Each tiny model, loaded through the same load_model path users use (cached per session)."""
+    from common.models import load_model
+    name = request.param
+    if name not in _loaded:
+        _loaded[name] = load_model(str(tiny_folders[name]), "cpu", "float32")
+    return _loaded[name]
+
+
+def run_script(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run an experiment's run.py as the user does, in a subprocess, offline."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, str(REPO / script), *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=REPO)

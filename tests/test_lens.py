@@ -1,0 +1,91 @@
+"""The logit lens: its invariant on every architecture, its layers, and its metrics against numpy."""
+import numpy as np
+import pytest
+import torch
+
+from common import lens
+from common.prompts import encode
+
+
+def test_norm_lens_at_last_layer_equals_logits(tiny):
+    ids = encode(tiny, "The capital of France is")
+    resid, logits = lens.residual_stream(tiny, ids)
+    assert resid.shape == (tiny.n_layers + 1, tiny.d_model)
+    check = lens.check_lens_matches_logits(tiny, resid[-1], logits)
+    assert check["passed"], check
+    assert check["max_abs_diff"] <= 1e-4
+
+
+def test_norm_lens_on_embedded_model(embedded):
+    ids = encode(embedded, "The capital of France is")
+    result = lens.sweep(embedded, ids, target_id=0)[1.0]
+    assert result.check["passed"] and result.check["max_abs_diff"] <= 1e-4
+
+
+def test_lens_layers_match_the_bridge_hooks(tiny):
+    """Layer 0 = blocks.0.hook_resid_pre (embeddings after scaling), layer i = blocks.{i-1}.hook_resid_post."""
+    ids = encode(tiny, "One two three four five")
+    resid, logits = lens.residual_stream(tiny, ids)
+    names = ["blocks.0.hook_resid_pre"] + [f"blocks.{i}.hook_resid_post" for i in range(tiny.n_layers)]
+    with torch.no_grad():
+        bridge_logits, cache = tiny.bridge.run_with_cache(ids, names_filter=lambda name: name in names)
+    for layer, name in enumerate(names):
+        assert torch.allclose(resid[layer], cache[name][0, -1], atol=1e-4), name
+    assert torch.allclose(logits, bridge_logits[0, -1], atol=1e-4)
+
+
+def test_raw_lens_skips_the_final_norm(tiny):
+    ids = encode(tiny, "Hello world")
+    resid, _ = lens.residual_stream(tiny, ids)
+    raw = lens.unembed(tiny, resid, use_norm=False)
+    norm = lens.unembed(tiny, resid, use_norm=True)
+    assert raw.shape == norm.shape == (tiny.n_layers + 1, tiny.config.vocab_size)
+    assert not torch.allclose(raw, norm)
+
+
+def test_gemma2_softcap_is_part_of_the_unembedding(tiny):
+    if tiny.softcap is None:
+        pytest.skip("only Gemma-2 has a final soft-cap")
+    ids = encode(tiny, "The capital of France is")
+    resid, logits = lens.residual_stream(tiny, ids)
+    uncapped = tiny.unembedding(tiny.final_norm(resid[-1])).float()
+    assert uncapped.abs().max() > tiny.softcap  # the test model reaches the cap, so capping matters
+    assert (uncapped - logits).abs().max() > 1.0
+    assert (lens.unembed(tiny, resid[-1], True) - logits).abs().max() <= 1e-4
+
+
+def _numpy_metrics(logits: np.ndarray, target: int):
+    z = logits - logits.max(axis=1, keepdims=True)
+    p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    entropy = np.array([-sum(x * np.log(x) for x in row if x > 0) for row in p])
+    kl = np.array([sum(a * (np.log(a) - np.log(b)) for a, b in zip(p[-1], row) if a > 0) for row in p])
+    rank = np.array([int((row > row[target]).sum()) for row in logits])
+    return p, entropy, kl, rank
+
+
+def test_lens_metrics_against_numpy():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 50, generator=gen, dtype=torch.float64) * 3
+    m = lens.lens_metrics(logits, target_id=7, top_k=3)
+    p, entropy, kl, rank = _numpy_metrics(logits.numpy(), 7)
+    assert np.allclose(m["target_prob"].numpy(), p[:, 7], atol=1e-6)
+    assert np.allclose(m["entropy"].numpy(), entropy, atol=1e-5)
+    assert np.allclose(m["kl_to_final"].numpy(), kl, atol=1e-5)
+    assert m["kl_to_final"][-1] == 0
+    assert (m["target_rank"].numpy() == rank).all()
+    top = np.sort(p, axis=1)[:, ::-1][:, :3]
+    assert np.allclose(m["probs_top"].numpy(), top, atol=1e-6)
+    assert (m["ids_top"][:, 0].numpy() == p.argmax(axis=1)).all()
+
+
+def test_temperature_rescales_but_keeps_ranks():
+    logits = torch.randn(4, 30, generator=torch.Generator().manual_seed(1))
+    cold, hot = lens.lens_metrics(logits, 3, temperature=0.5), lens.lens_metrics(logits, 3, temperature=2.0)
+    assert torch.equal(cold["target_rank"], hot["target_rank"])
+    assert (cold["entropy"] < hot["entropy"]).all()
+
+
+@pytest.mark.parametrize("n, expected", [(30, [0, 5, 10, 15, 20, 25, 30]), (32, [0, 5, 10, 16, 21, 26, 32]),
+                                         (4, [0, 1, 2, 3, 4]), (42, [0, 7, 14, 21, 28, 35, 42])])
+def test_key_layers(n, expected):
+    assert lens.key_layers(n) == expected
