@@ -18,8 +18,11 @@ from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
+import warnings
+
 import matplotlib
 
+warnings.filterwarnings("ignore", message="Glyph .* missing from font")  # CJK tokens in labels: shown as boxes
 matplotlib.use("Agg")  # figures are written to files; no window, works with no screen
 import matplotlib.pyplot as plt  # noqa: E402
 
