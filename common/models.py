@@ -26,8 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import LabError
+from .gguf_tokenizer import GEMMA_MODEL_TYPES, gemma_tokenizer_from_gguf
 
 DEFAULT_MODEL = "smollm2-135m"
+CACHE_FORMAT = 2  # bump when the dequantized cache must be rebuilt (2: Gemma tokenizer rebuilt from the GGUF)
 
 
 @dataclass(frozen=True)
@@ -278,7 +280,8 @@ def embedded_gguf_path(name: str) -> Path:
 
 def _gguf_cache_folder(gguf: Path) -> Path:
     stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    identity = f"{gguf.resolve()}|{stat.st_size}|{int(stat.st_mtime)}|{CACHE_FORMAT}"
+    key = hashlib.sha256(identity.encode()).hexdigest()[:12]
     return cache_dir() / "dequantized" / f"{slugify(gguf.stem)}-{key}"
 
 
@@ -304,6 +307,8 @@ def dequantized_folder(gguf: Path, architecture: str | None = None) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.architectures = [architecture or type(model).__name__]  # GGUF configs have none
+    if model.config.model_type in GEMMA_MODEL_TYPES:  # transformers 5.9 splits Gemma words into characters
+        tokenizer = gemma_tokenizer_from_gguf(gguf, getattr(tokenizer, "chat_template", None))
     tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
