@@ -63,14 +63,17 @@ def lens_metrics(logits: torch.Tensor, target_id: int, top_k: int = 5, temperatu
     top = torch.topk(p, top_k, dim=-1)
     target_logit = logits[:, target_id : target_id + 1]  # [layers, 1]
     final_p, final_logp = p[-1], logp[-1]  # [vocab]
+    # KL(final || layer) = sum_v p_f (log p_f - log p_layer), as two matrix-vector products; the final
+    # layer against itself is 0 by definition, not up to rounding.
+    kl = (final_p @ final_logp - logp @ final_p).clamp_min(0.0)
+    kl[-1] = 0.0
     return {
         "probs_top": top.values,
         "ids_top": top.indices,
         "target_prob": p[:, target_id],
         "target_rank": (logits > target_logit).sum(dim=-1),
         "entropy": -(p * logp).sum(dim=-1),
-        # KL(final || layer) = sum_v p_f (log p_f - log p_layer), as two matrix-vector products.
-        "kl_to_final": (final_p @ final_logp - logp @ final_p).clamp_min(0.0),
+        "kl_to_final": kl,
     }
 
 
@@ -138,3 +141,30 @@ def sweep(model, input_ids: torch.Tensor, target_id: int, use_norm: bool = True,
     check = check_lens_matches_logits(model, resid[-1], model_logits)
     return {t: LensSweep(model, lens_metrics(lens_logits, target_id, top_k, t), check, use_norm, t)
             for t in temperatures}
+
+
+def resolution_depth(target_rank: list[int], target_prob: list[float], entropy: list[float]) -> dict:
+    """Where along the depth a prediction resolves. All lists have n_layers + 1 entries (layer 0..n).
+
+    Returns layers (None when it never happens) and depths (layer / n_layers):
+      first_top1_layer: the first layer from which the target is top-1 and stays top-1 to the end;
+      first_p50_layer: the first layer where the target's probability passes 0.5;
+      entropy_drop_layer: the layer whose block lowers the entropy most (entropy[l-1] - entropy[l] largest).
+    """
+    n = len(target_rank) - 1
+    first_top1 = None
+    for layer in range(n, -1, -1):
+        if target_rank[layer] != 0:
+            break
+        first_top1 = layer
+    first_p50 = next((layer for layer, p in enumerate(target_prob) if p > 0.5), None)
+    drops = [entropy[layer - 1] - entropy[layer] for layer in range(1, n + 1)]
+    entropy_drop = 1 + max(range(n), key=drops.__getitem__) if n else None
+
+    def depth(layer):
+        return None if layer is None else layer / n
+
+    return {"first_top1_layer": first_top1, "first_top1_depth": depth(first_top1),
+            "first_p50_layer": first_p50, "first_p50_depth": depth(first_p50),
+            "entropy_drop_layer": entropy_drop, "entropy_drop_depth": depth(entropy_drop),
+            "entropy_drop_nats": max(drops) if n else None}

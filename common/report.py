@@ -189,3 +189,23 @@ def heatmap(matrix, row_labels: list[str], col_labels: list[str], title: str, co
                 ax.text(c, r, cell_text[r][c], ha="center", va="center", fontsize=6, rotation=90,
                         color="black" if data[r, c] > middle else "white")
     return fig
+
+
+def curves(panels: list[dict], title: str, xlabel: str):
+    """Line plots side by side, one per panel.
+
+    panels: [{"ylabel": str, "series": [(label, xs, ys), ...], "ylim": (low, high) or None}].
+    """
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        for label, xs, ys in panel["series"]:
+            ax.plot(xs, ys, marker=".", label=label)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(panel["ylabel"])
+        if panel.get("ylim"):
+            ax.set_ylim(*panel["ylim"])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

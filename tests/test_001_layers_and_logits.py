@@ -1,5 +1,6 @@
 """001 end to end on the embedded model, as the user runs it, and its bad inputs."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -34,8 +35,10 @@ def _check_contract(results: dict, lens: str):
 @pytest.fixture(scope="module")
 def norm_and_raw_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs001")
-    norm = run_script(SCRIPT, f"--OUT_DIR={out}", "--TOP_K=3")
-    raw = run_script(SCRIPT, f"--OUT_DIR={out}", "--USE_NORM_LENS=False", "--TOP_K=3")
+    # NORM: everything (all formats, paraphrases, probes, temperatures); RAW: the main prompts only.
+    norm = run_script(SCRIPT, f"--OUT_DIR={out}", "--MODEL=smollm2-135m", "--TOP_K=3", "--PROMPT_FORMAT=all")
+    raw = run_script(SCRIPT, f"--OUT_DIR={out}", "--MODEL=smollm2-135m", "--USE_NORM_LENS=False", "--TOP_K=3",
+                     "--PROMPT_FORMAT=completion", "--PARAPHRASES=False", "--DIRECTION_PROBES=False")
     return out, norm, raw
 
 
@@ -58,7 +61,46 @@ def test_norm_and_raw_runs_write_the_contract_files(norm_and_raw_runs):
     assert config["device"] == "cpu" and config["dtype"] == "float32" and config["git_commit"]
     report = (by_lens["norm"][0] / "report.md").read_text()
     assert "PASS: NORM lens at the last layer == model logits" in report
-    assert "## Key layers" in report and "![target probability](target_prob_heatmap.png)" in report
+    assert "PASS: temperature keeps the target's rank" in report
+    assert report.index("## Summary") < report.index("## Key layers")
+    for section in ("## Resolution depth", "## Prompt formats", "## Directional bias", "## Answer-position bias",
+                    "## Temperature", "## Paraphrases", "![target probability](target_prob_heatmap.png)"):
+        assert section in report
+
+
+def _main_prompts(results):
+    return [p for p in results["prompts"] if p["format"] == "completion" and p["variant"] == 0 and not p["probe"]]
+
+
+def test_all_formats_paraphrases_and_probes_are_recorded(norm_and_raw_runs):
+    out, _, _ = norm_and_raw_runs
+    runs = [json.loads((f / "results.json").read_text()) for f in _run_folders(out)]
+    norm = next(r for r in runs if r["lens"] == "norm")
+    facts = json.loads((Path(__file__).parent.parent / "001_layers_and_logits" / "prompts.json").read_text())
+    by_kind = {}
+    for p in norm["prompts"]:
+        by_kind.setdefault((p["format"], p["variant"] > 0, p["probe"]), []).append(p)
+    assert len(by_kind[("completion", False, None)]) == len(facts)
+    assert len(by_kind[("qa", False, None)]) == len(facts) and len(by_kind[("chat", False, None)]) == len(facts)
+    assert len(by_kind[("completion", True, None)]) == sum(len(f["completions"]) - 1 for f in facts)
+    assert {p["probe_side"] for p in by_kind[("completion", False, "direction")]} == {"forward", "reverse"}
+    qa = by_kind[("qa", False, None)][0]
+    assert qa["prompt"].startswith("Question: ") and qa["prompt"].endswith("\nAnswer:")
+    chat = by_kind[("chat", False, None)][0]
+    assert "<|im_start|>assistant\n" in chat["prompt"] and chat["prompt"].endswith(facts[0]["completions"][0])
+    for p in norm["prompts"]:
+        temps = {t["temperature"]: t for t in p["temperatures"]}
+        assert set(temps) == {0.5, 1.0, 1.5, 2.0}
+        assert temps[1.0]["target_prob"] == [layer["target_prob"] for layer in p["layers"]]
+        assert all(t["target_rank"] == temps[1.0]["target_rank"] for t in temps.values())
+        assert temps[0.5]["entropy"][-1] <= temps[1.0]["entropy"][-1] <= temps[2.0]["entropy"][-1]
+        resolution = p["resolution"]
+        if p["layers"][-1]["target_rank"] == 0:
+            first = resolution["first_top1_layer"]
+            assert all(layer["target_rank"] == 0 for layer in p["layers"][first:])
+            assert first == 0 or p["layers"][first - 1]["target_rank"] > 0
+        else:
+            assert resolution["first_top1_layer"] is None
 
 
 def test_norm_lens_resolves_late_and_raw_differs(norm_and_raw_runs):
@@ -66,7 +108,8 @@ def test_norm_lens_resolves_late_and_raw_differs(norm_and_raw_runs):
     out, _, _ = norm_and_raw_runs
     runs = {json.loads((f / "results.json").read_text())["lens"]: json.loads((f / "results.json").read_text())
             for f in _run_folders(out)}
-    for norm_prompt, raw_prompt in zip(runs["norm"]["prompts"], runs["raw"]["prompts"]):
+    for norm_prompt, raw_prompt in zip(_main_prompts(runs["norm"]), _main_prompts(runs["raw"])):
+        assert norm_prompt["prompt"] == raw_prompt["prompt"]
         ranks = [layer["target_rank"] for layer in norm_prompt["layers"]]
         assert ranks[-1] == 0, norm_prompt["prompt"]  # the prompts are ones the model answers
         assert all(rank > 0 for rank in ranks[:15])  # not top-1 anywhere in the first half
@@ -78,7 +121,7 @@ def test_norm_lens_resolves_late_and_raw_differs(norm_and_raw_runs):
 def test_prompts_file_is_used_verbatim(tmp_path):
     prompts = tmp_path / "mine.json"
     prompts.write_text(json.dumps([{"prompt": "The capital of Germany is", "target": "Berlin"}]))
-    result = run_script(SCRIPT, f"--OUT_DIR={tmp_path / 'out'}", f"--PROMPTS_FILE={prompts}")
+    result = run_script(SCRIPT, f"--OUT_DIR={tmp_path / 'out'}", f"--PROMPTS_FILE={prompts}", "--MODEL=smollm2-135m")
     assert result.returncode == 0, result.stderr
     [folder] = _run_folders(tmp_path / "out")
     [record] = json.loads((folder / "results.json").read_text())["prompts"]
@@ -96,6 +139,9 @@ def test_prompts_file_is_used_verbatim(tmp_path):
      "empty prompt"),
     (lambda tmp: [f"--PROMPTS_FILE={tmp / 'missing.json'}"], "does not exist"),
     (lambda tmp: ["--PROMPT_FORMAT=poem"], "PROMPT_FORMAT must be one of"),
+    (lambda tmp: ["--TEMPERATURES=[1.0, -2]"], "TEMPERATURES must be a list of positive numbers"),
+    (lambda tmp: ["--MODELS=[]"], "MODELS is empty"),
+    (lambda tmp: ['--MODELS=["smollm2-135m", "no-such-model"]'], "Unknown model 'no-such-model'"),
 ])
 def test_bad_input_fails_with_one_line_and_no_results(tmp_path, make_args, fragment):
     out = tmp_path / "out"
@@ -110,3 +156,39 @@ def test_bad_input_fails_with_one_line_and_no_results(tmp_path, make_args, fragm
 def _write(path, text):
     path.write_text(text)
     return path
+
+
+def test_models_compared_by_depth(tmp_path, tiny_folders):
+    """MODELS with two tiny models: one run folder each, then one comparison."""
+    models = [str(tiny_folders["llama"]), str(tiny_folders["gemma2"])]
+    out = tmp_path / "out"
+    result = run_script(SCRIPT, f"--OUT_DIR={out}", f"--MODELS={json.dumps(models)}", "--PROMPT_FORMAT=completion",
+                        "--PARAPHRASES=False", "--DIRECTION_PROBES=False", "--TEMPERATURES=[1.0]")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["comparison", "gemma2", "llama"]
+    [folder] = list((out / "comparison").iterdir())
+    comparison = json.loads((folder / "results.json").read_text())
+    assert [m["model"] for m in comparison["models"]] == ["llama", "gemma2"]
+    for entry in comparison["models"]:
+        assert Path(entry["run_folder"]).is_dir()
+        for prompt in entry["prompts"]:
+            assert len(prompt["depth"]) == entry["n_layers"] + 1 and prompt["depth"][-1] == 1.0
+    assert (folder / "by_depth.png").exists() and "models compared by depth" in (folder / "report.md").read_text()
+
+
+def test_gemma3_base_model(tmp_path):
+    """The second embedded model: BOS added, whole-word tokens, chat skipped with a note, and the late-layer
+    un-resolving measured before (DESIGN.md: " Paris" top-1 after block 12 with p 0.72, final top-1 " the")."""
+    out = tmp_path / "out"
+    result = run_script(SCRIPT, f"--OUT_DIR={out}", "--MODEL=gemma3-270m", "--PROMPT_FORMAT=all",
+                        "--PARAPHRASES=False", "--DIRECTION_PROBES=False", "--TEMPERATURES=[1.0]")
+    assert result.returncode == 0, result.stderr
+    [folder] = list((out / "gemma3-270m").iterdir())
+    results = json.loads((folder / "results.json").read_text())
+    assert results["n_layers"] == 18 and {p["format"] for p in results["prompts"]} == {"completion", "qa"}
+    assert "no chat template" in (folder / "report.md").read_text()
+    france = results["prompts"][0]
+    assert france["tokens"] == ["<bos>", "The", " capital", " of", " France", " is"]
+    assert france["target_token"] == " Paris"
+    assert france["layers"][13]["target_rank"] == 0 and france["layers"][13]["target_prob"] == pytest.approx(0.72, abs=0.02)
+    assert france["layers"][-1]["top_tokens"][0][0] == " the" and france["layers"][-1]["target_rank"] == 2

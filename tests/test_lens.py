@@ -89,3 +89,23 @@ def test_temperature_rescales_but_keeps_ranks():
                                          (4, [0, 1, 2, 3, 4]), (42, [0, 7, 14, 21, 28, 35, 42])])
 def test_key_layers(n, expected):
     assert lens.key_layers(n) == expected
+
+
+def test_resolution_depth_on_hand_made_curves():
+    # top-1 at layer 2, lost at 3, top-1 again from 4 to the end (n = 6)
+    ranks = [9, 5, 0, 1, 0, 0, 0]
+    probs = [0.0, 0.1, 0.4, 0.3, 0.45, 0.7, 0.9]
+    entropy = [5.0, 4.8, 3.0, 3.2, 2.9, 1.0, 0.6]
+    result = lens.resolution_depth(ranks, probs, entropy)
+    assert result["first_top1_layer"] == 4 and result["first_top1_depth"] == pytest.approx(4 / 6)
+    assert result["first_p50_layer"] == 5
+    assert result["entropy_drop_layer"] == 5 and result["entropy_drop_nats"] == pytest.approx(1.9)
+
+
+def test_resolution_depth_when_never_resolved():
+    result = lens.resolution_depth([3, 2, 1], [0.1, 0.2, 0.3], [2.0, 1.0, 1.5])
+    assert result["first_top1_layer"] is None and result["first_top1_depth"] is None
+    assert result["first_p50_layer"] is None
+    assert result["entropy_drop_layer"] == 1
+    only_last = lens.resolution_depth([3, 2, 0], [0.1, 0.2, 0.6], [2.0, 1.0, 0.5])
+    assert only_last["first_top1_layer"] == 2 and only_last["first_top1_depth"] == 1.0
