@@ -1,0 +1,335 @@
+"""002: depth band, token labels, masses by type, patterns vs HF eager attention (GQA), end to end."""
+import importlib
+import json
+from fractions import Fraction
+
+import pytest
+import torch
+
+from common import attention as att
+from common.errors import LabError
+from conftest import ARCHITECTURES, REPO, run_script
+
+SCRIPT = "002_attention_patterns/run.py"
+LONG_PROMPT = ("The capital of France is Paris, and the capital of Germany is Berlin. " * 5).strip()  # > 64 tokens
+
+
+# ----------------------------------------------------------------------------- depth band
+
+
+@pytest.mark.parametrize("n_layers, expected", [
+    (30, list(range(11, 25))),  # block depths 12/30 = 0.40 ... 25/30 = 0.833
+    (32, list(range(12, 27))),  # 13/32 = 0.406 ... 27/32 = 0.844
+    (36, list(range(14, 30))),  # 15/36 = 0.417 ... 30/36 = 0.833
+    (42, list(range(16, 35))),  # 17/42 = 0.405 ... 35/42 = 0.833
+])
+def test_depth_band_selects_the_right_layers(n_layers, expected):
+    assert att.band_layers(n_layers, (0.40, 0.85)) == expected
+    # The same band in exact rational arithmetic: block i is in when 2/5 <= (i + 1) / n <= 17/20.
+    exact = [i for i in range(n_layers) if Fraction(2, 5) <= Fraction(i + 1, n_layers) <= Fraction(17, 20)]
+    assert att.band_layers(n_layers, [0.4, 0.85]) == exact
+
+
+def test_depth_band_edges_and_bad_ranges():
+    assert att.band_layers(20, (0.85, 0.85)) == [16]  # 17/20 exactly, despite 0.85 * 20 = 17.000000000000004
+    assert att.band_layers(4, (0.0, 1.0)) == [0, 1, 2, 3]
+    for bad in [(0.9, 0.1), (0.4,), (-0.1, 0.5), (0.2, 1.5), ("a", "b"), 0.5, (True, 1.0)]:
+        with pytest.raises(LabError, match="DEPTH_RANGE must be"):
+            att.band_layers(30, bad)
+    with pytest.raises(LabError, match="holds no layer"):
+        att.band_layers(4, (0.3, 0.45))
+
+
+def test_sliding_window_layers_come_from_the_hf_config():
+    from transformers import Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen3Config
+    assert att.sliding_window_layers(LlamaConfig(num_hidden_layers=4)) == {}
+    assert att.sliding_window_layers(MistralConfig(num_hidden_layers=3, sliding_window=4096)) == {
+        0: 4096, 1: 4096, 2: 4096}
+    assert att.sliding_window_layers(MistralConfig(num_hidden_layers=3, sliding_window=None)) == {}
+    assert att.sliding_window_layers(Qwen3Config(num_hidden_layers=4)) == {}  # use_sliding_window False
+    assert att.sliding_window_layers(Gemma2Config(num_hidden_layers=4, sliding_window=64)) == {0: 64, 2: 64}
+    gemma3 = att.sliding_window_layers(Gemma3TextConfig(num_hidden_layers=12, sliding_window=512))
+    assert sorted(set(range(12)) - set(gemma3)) == [5, 11]  # every 6th layer is global
+
+
+# ----------------------------------------------------------------------------- grouped-query attention
+
+
+def test_kv_head_mapping_matches_hf_repeat_kv():
+    from transformers.models.llama.modeling_llama import repeat_kv
+    assert [att.kv_head_of(h, 32, 8) for h in range(8)] == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert [att.kv_head_of(h, 9, 3) for h in range(9)] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert [att.kv_head_of(h, 4, 4) for h in range(4)] == [0, 1, 2, 3]
+    kv = torch.randn(2, 8, 5, 16)
+    assert torch.equal(att.expand_kv_heads(kv, 32), repeat_kv(kv, 4))
+    with pytest.raises(ValueError):
+        att.kv_head_of(0, 9, 4)
+
+
+# ----------------------------------------------------------------------------- token types
+
+
+def _labels(tokenizer, text, hand=None):
+    ids = tokenizer(text).input_ids
+    _, offsets = att.token_offsets(tokenizer, text, ids)
+    special = [i in set(tokenizer.all_special_ids) for i in ids]
+    return [tokenizer.decode([i]) for i in ids], *att.label_prompt(text, offsets, special, hand)
+
+
+def test_rule_labels_on_the_embedded_tokenizer(embedded):
+    tok = embedded.tokenizer
+    tokens, types, subject = _labels(tok, "The first president of the United States was George")
+    assert types == ["function", "relation", "relation", "function", "function", "entity", "entity",
+                     "function", "entity"]
+    assert subject == [5, 6]  # the entity tokens, without the final position
+    tokens, types, _ = _labels(tok, "Romeo and Juliet was written by William")
+    assert tokens[:2] == ["Rome", "o"] and types[:2] == ["entity", "entity"]  # both pieces of the word
+    tokens, types, _ = _labels(tok, "France's capital city is:\n")
+    assert dict(zip(tokens, types))["'s"] == "function"
+    assert types[-1] == "punctuation" and dict(zip(tokens, types)).get(":") in (None, "punctuation")
+    chat = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False)
+    tokens, types, _ = _labels(tok, chat)
+    assert types[tokens.index("<|im_start|>")] == "special"
+
+
+def test_hand_labels_override_the_rule(embedded):
+    tok = embedded.tokenizer
+    tokens, types, subject = _labels(tok, "The element gold has the chemical symbol",
+                                     {"subject": "gold", "types": {"symbol": "function"}})
+    assert tokens[subject[0]] == " gold" and len(subject) == 1 and types[subject[0]] == "entity"
+    assert types[-1] == "function"
+    _, types, subject = _labels(tok, "The play Romeo and Juliet is by William", {"subject": "Romeo and Juliet"})
+    assert subject == [2, 3, 4] and all(types[i] == "entity" for i in subject)
+    for hand, fragment in [({"subject": "Paris"}, "does not occur"), ({"types": {"gold": "noun"}}, "must map"),
+                           ({"types": {"silver": "entity"}}, "not words of the prompt"), ({"subject": 3}, "subject")]:
+        with pytest.raises(LabError, match=fragment):
+            att.check_hand_labels(hand, "The element gold has the chemical symbol", "entry 0")
+
+
+def test_offsets_from_decoding_agree_with_the_fast_tokenizer(embedded):
+    tok = embedded.tokenizer
+    text = "The capital of France, a country, is"
+    ids = tok(text).input_ids
+    decoded, offsets = att.offsets_from_decoding(tok, ids)
+    assert decoded == text and offsets == att.token_offsets(tok, text, ids)[1]
+
+
+# ----------------------------------------------------------------------------- masses and ranking
+
+
+def test_masses_by_bucket_sum_to_one_and_match_a_loop():
+    torch.manual_seed(0)
+    rows = torch.randn(3, 4, 6).softmax(-1)  # [blocks, heads, seq]
+    types = ["function", "relation", "entity", "punctuation", "special", "function"]
+    for include_bos in (False, True):
+        buckets = att.bucket_index(types, include_bos)
+        mass = att.mass_by_bucket(rows, buckets)
+        assert torch.allclose(mass.sum(-1), torch.ones(3, 4))
+        for k, name in enumerate(att.BUCKETS):
+            positions = [i for i, t in enumerate(types) if (t == name and (include_bos or i > 0))
+                         or (name == att.SINK and i == 0 and not include_bos)]
+            assert torch.allclose(mass[..., k], att.mass_on(rows, positions))
+    assert att.counted_positions([0, 2], include_bos=False) == [2]
+    assert att.counted_positions([0, 2], include_bos=True) == [0, 2]
+    assert torch.equal(att.mass_on(rows, []), torch.zeros(3, 4))
+
+
+def test_rank_heads_mean_and_consistency():
+    mass = torch.tensor([[[0.9, 0.1], [0.5, 0.0]],  # prompt 0: [blocks=2, heads=2]
+                         [[0.7, 0.3], [0.6, 0.0]],
+                         [[0.0, 0.0], [0.0, 1.0]]])  # prompt 2 has no subject: left out
+    ranking = att.rank_heads(mass, torch.tensor([True, True, False]), top_k=1)
+    assert [(r["block_index"], r["head"]) for r in ranking] == [(0, 0), (1, 0), (0, 1), (1, 1)]
+    assert ranking[0]["mean"] == pytest.approx(0.8) and ranking[0]["std"] == pytest.approx(0.1)
+    assert ranking[0]["min"] == pytest.approx(0.7) and ranking[0]["top_rate"] == 1.0
+    assert ranking[1]["top_rate"] == 0.0
+    assert att.rank_heads(mass, torch.tensor([False, False, False]), 1) == []
+
+
+# ----------------------------------------------------------------------------- patterns on tiny models
+
+
+def _capture_qk(arch):
+    """Wrap the HF module's eager attention to record query, key, mask, scaling and softcap per call."""
+    module = importlib.import_module(f"transformers.models.{arch}.modeling_{arch}")
+    original, calls = module.eager_attention_forward, []
+
+    def recording(attn, query, key, value, attention_mask, **kwargs):
+        calls.append({"query": query.detach(), "key": key.detach(), "mask": attention_mask,
+                      "scaling": kwargs.get("scaling"), "softcap": kwargs.get("softcap")})
+        return original(attn, query, key, value, attention_mask, **kwargs)
+    return module, original, recording, calls
+
+
+def _pattern_from_qk(call, kv_for_head):
+    """softmax(q k^T * scaling (+ soft-cap) + mask), each query head reading key head kv_for_head(h)."""
+    query, key = call["query"], call["key"]
+    index = torch.tensor([kv_for_head(h) for h in range(query.shape[1])])
+    scores = query @ key.index_select(1, index).transpose(-1, -2) * call["scaling"]
+    if call["softcap"] is not None:
+        scores = call["softcap"] * torch.tanh(scores / call["softcap"])
+    if call["mask"] is not None:
+        scores = scores + call["mask"][..., : key.shape[-2]]
+    return scores.softmax(-1)[0]  # [heads, seq, seq]
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_bridge_patterns_equal_hf_eager_attention_with_gqa(arch, tiny_folders, monkeypatch):
+    from common.models import load_model
+    model = load_model(str(tiny_folders[arch]), "cpu", "float32")  # a fresh one: booted below
+    assert model.n_kv_heads < model.n_heads  # the tiny models use grouped-query attention
+    ids = model.tokenizer(LONG_PROMPT, return_tensors="pt").input_ids
+    seq, blocks = ids.shape[1], list(range(model.n_layers))
+    module, original, recording, calls = _capture_qk(arch)
+    monkeypatch.setattr(module, "eager_attention_forward", recording)
+    reference = att.hf_patterns(model.hf_model, ids, blocks)  # before the bridge is booted
+    monkeypatch.setattr(module, "eager_attention_forward", original)
+    assert len(calls) == model.n_layers
+    patterns, logits = att.bridge_patterns(model.bridge, ids, blocks)
+    assert patterns.shape == (model.n_layers, model.n_heads, seq, seq) and logits.shape[0] > 0
+
+    assert (patterns - reference).abs().max() < 1e-5
+    assert torch.allclose(patterns.sum(-1), torch.ones(model.n_layers, model.n_heads, seq), atol=1e-5)
+    assert patterns.triu(diagonal=1).abs().max() == 0
+    checks = att.pattern_checks([patterns], [reference], [att.mass_by_bucket(
+        patterns[:, :, -1], att.bucket_index(["relation"] * seq, False))], torch.float32)
+    assert all(check["passed"] for check in checks), checks
+
+    # GQA: recomputed from the captured queries and keys, query head h reads key/value head
+    # kv_head_of(h); the interleaved mapping h % n_kv_heads is measurably different.
+    def kv_for(h):
+        return att.kv_head_of(h, model.n_heads, model.n_kv_heads)
+    for block, call in enumerate(calls):
+        assert call["key"].shape[1] == model.n_kv_heads
+        assert (_pattern_from_qk(call, kv_for) - patterns[block]).abs().max() < 1e-5
+        wrong = _pattern_from_qk(call, lambda h: h % model.n_kv_heads)
+        assert (wrong - patterns[block]).abs().max() > 1e-3
+
+    # Sliding-window blocks (Gemma-2 here) see only the last `window` keys; global blocks see all.
+    local = att.sliding_window_layers(model.text_config)
+    assert bool(local) == (arch == "gemma2")
+    if local:
+        assert seq > 64
+        for block in blocks:
+            beyond = patterns[block, :, -1, : seq - local.get(block, seq)]
+            if block in local:
+                assert beyond.abs().max() == 0
+            else:
+                assert patterns[block, :, -1, : seq - 64].sum() > 1e-3
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def _run_folders(out_dir):
+    return [p for p in out_dir.glob("*/*") if p.is_dir()]
+
+
+def _check_results(results, n_layers=30, layers=tuple(range(11, 25))):
+    assert results["experiment"] == "002_attention_patterns"
+    assert results["n_layers"] == n_layers and results["layers"] == list(layers)
+    n_heads, n_kv = results["n_heads"], results["n_kv_heads"]
+    assert results["kv_head_of_head"] == [h // (n_heads // n_kv) for h in range(n_heads)]
+    assert all(check["passed"] for check in results["self_checks"]), results["self_checks"]
+    for prompt in results["prompts"]:
+        assert len(prompt["tokens"]) == len(prompt["token_types"]) == len(prompt["buckets"])
+        assert set(prompt["token_types"]) <= set(att.TOKEN_TYPES)
+        assert [layer["layer"] for layer in prompt["layers"]] == list(layers)
+        for layer in prompt["layers"]:
+            assert layer["depth"] == pytest.approx((layer["layer"] + 1) / n_layers)
+            assert [head["head"] for head in layer["heads"]] == list(range(n_heads))
+            for head in layer["heads"]:
+                assert set(head["mass"]) == set(att.BUCKETS)
+                assert sum(head["mass"].values()) == pytest.approx(1, abs=1e-5)
+                assert sum(head["final_row"]) == pytest.approx(1, abs=1e-5)
+                assert head["sink"] == head["final_row"][0] and head["self"] == head["final_row"][-1]
+                assert head["subject"] == pytest.approx(sum(head["final_row"][i] for i in prompt["subject_positions"]))
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs002")
+    return out, run_script(SCRIPT, f"--OUT_DIR={out}", "--TOP_HEADS=3")
+
+
+def test_default_run_writes_the_contract_files(default_run):
+    out, result = default_run
+    assert result.returncode == 0, result.stderr
+    [folder] = _run_folders(out)
+    names = {p.name for p in folder.iterdir()}
+    assert {"results.json", "config.json", "report.md", "entity_mass_heatmap.png", "sink_mass_heatmap.png",
+            "subject_mass_heatmap.png", "mass_by_type_per_layer.png", "top_heads_prompt0.png"} <= names
+    results = json.loads((folder / "results.json").read_text())
+    _check_results(results)
+    assert results["n_heads"] == 9 and results["n_kv_heads"] == 3 and not results["include_bos"]
+    facts = json.loads((REPO / "001_layers_and_logits" / "prompts.json").read_text())
+    assert [p["prompt"] for p in results["prompts"]] == [f["completions"][0] for f in facts]
+    france = results["prompts"][0]
+    assert france["tokens"] == ["The", " capital", " of", " France", " is"] and france["subject_positions"] == [3]
+    assert france["buckets"][0] == "sink" and france["top1_token"] == " Paris"
+    ranking = results["head_ranking"]
+    assert len(ranking) == 14 * 9 and ranking[0]["mean"] >= ranking[-1]["mean"]
+    report = (folder / "report.md").read_text()
+    assert "9 query heads and 3 key/value heads" in report and "blocks 11-24" in report
+    assert "PASS: bridge hook_pattern == HF eager output_attentions" in report and "FAIL" not in report
+    assert "![entity mass per head](entity_mass_heatmap.png)" in report and "S function" in report
+
+
+def test_hand_labelled_prompts_and_include_bos(tmp_path):
+    prompts = tmp_path / "mine.json"
+    prompts.write_text(json.dumps([
+        {"prompt": "The element gold has the chemical symbol", "target": "Au", "subject": "gold"},
+        {"prompt": "Romeo and Juliet was written by William", "target": "Shakespeare", "subject": "Romeo"}]))
+    result = run_script(SCRIPT, f"--OUT_DIR={tmp_path / 'out'}", f"--PROMPTS_FILE={prompts}", "--INCLUDE_BOS=True",
+                        "--DEPTH_RANGE=[0.7,0.8]", "--TOP_HEADS=2")
+    assert result.returncode == 0, result.stderr
+    [folder] = _run_folders(tmp_path / "out")
+    results = json.loads((folder / "results.json").read_text())
+    _check_results(results, layers=range(20, 24))
+    gold, romeo = results["prompts"]
+    assert gold["label_source"] == "hand" and gold["subject_positions"] == [2]
+    assert gold["token_types"][2] == "entity" and "sink" not in gold["buckets"]
+    assert romeo["subject_positions"] == [0, 1]  # "Rome" + "o": position 0 counts when INCLUDE_BOS is True
+    assert all(head["mass"]["sink"] == 0 for layer in romeo["layers"] for head in layer["heads"])
+
+
+def test_tiny_gemma2_end_to_end_reports_its_local_layers(tmp_path, tiny_folders):
+    """Gemma-2 path of run.py (soft-capped attention, sliding windows) with a prompt longer than the window."""
+    prompts = tmp_path / "long.json"
+    prompts.write_text(json.dumps([{"prompt": LONG_PROMPT, "target": "Paris"}]))
+    result = run_script(SCRIPT, f"--MODEL={tiny_folders['gemma2']}", f"--OUT_DIR={tmp_path / 'out'}",
+                        f"--PROMPTS_FILE={prompts}", "--DEPTH_RANGE=[0.0,1.0]", "--TOP_HEADS=1")
+    assert result.returncode == 0, result.stderr
+    [folder] = _run_folders(tmp_path / "out")
+    results = json.loads((folder / "results.json").read_text())
+    _check_results(results, n_layers=4, layers=range(4))
+    assert results["local_layers"] == {"0": 64, "2": 64}
+    [prompt] = results["prompts"]
+    seq = len(prompt["tokens"])
+    for layer in prompt["layers"]:
+        assert layer["local_window"] == (64 if layer["layer"] in (0, 2) else None)
+        if layer["local_window"]:
+            assert all(max(head["final_row"][: seq - 64]) == 0 for head in layer["heads"])
+    report = (folder / "report.md").read_text()
+    assert "blocks 0, 2 of the band attend only to the last 64 tokens" in report
+    assert f"prompts up to {seq} tokens" in report
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--DEPTH_RANGE=[0.9,0.1]"], "DEPTH_RANGE must be"),
+    (["--TOP_HEADS=0"], "TOP_HEADS must be at least 1"),
+    (["--PROMPTS_FILE=" + json.dumps([{"prompt": "The capital of France is", "target": "Paris",
+                                       "subject": "Germany"}])], "does not occur"),
+])
+def test_bad_input_fails_with_one_line_and_no_results(tmp_path, args, fragment):
+    if args[0].startswith("--PROMPTS_FILE="):  # write the JSON to a file and pass its path
+        path = tmp_path / "p.json"
+        path.write_text(args[0].split("=", 1)[1])
+        args = [f"--PROMPTS_FILE={path}"]
+    out = tmp_path / "out"
+    result = run_script(SCRIPT, f"--OUT_DIR={out}", *args)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines and fragment in lines[-1], result.stderr
+    assert "Traceback" not in result.stderr and "Loading" not in result.stderr  # stopped before the model
+    assert not out.exists() or not list(out.rglob("results.json"))
