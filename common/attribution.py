@@ -1,0 +1,436 @@
+"""Direct logit attribution (DLA): the answer's logit split into embeddings, heads, MLPs and biases; ablations.
+
+At the last position, the residual stream that enters the final norm is an exact sum of pieces:
+
+    x_final    = embed + sum_l (attn_out_l + mlp_out_l)
+    attn_out_l = sum_h z_lh @ W_O[:, h]^T + b_O                  (Llama, Qwen3, Mistral)
+    attn_out_l = (sum_h z_lh @ W_O[:, h]^T + b_O) * w_post / rms_post    (Gemma-2/3: a post-attention norm)
+
+`z_lh` is head h's attention-weighted value vector (`hook_z`) and `W_O[:, h]` its slice of the o_proj weight.
+The final RMSNorm, with its scale rms(x_final) frozen from the actual run, is linear, so each piece p adds
+
+    (p / rms(x_final)) * w_final @ (W_U[target] - W_U[counterfactual])
+
+to the metric, and the pieces plus the unembedding bias add up to the metric the model itself computes from
+its logits before any soft-cap (Gemma-2's 30 * tanh(x / 30) is not linear, so it is left out of the metric).
+Gemma's post-attention norm is handled the same way: its scale rms_post is frozen from the run, which makes
+the attention output linear in the heads, so the per-head pieces still add up exactly.
+
+Why partly by hand: the activations come from the TransformerLens bridge cache (`hook_z`, `hook_attn_out`,
+`hook_mlp_out`, the norms' `hook_scale`), but TransformerLens' own `cache.logit_attrs` / `apply_ln_to_stack`
+divide by the cached scale without multiplying by the norm weight, which is only right when the weights are
+folded (DESIGN.md: 7.52 vs 13.67 measured), and its per-head results skip Gemma's post-attention norm. So the
+weight side (W_O, norm weights, W_U) is read from the Hugging Face modules here.
+
+Ablations replace a head's `hook_z` (all positions) or an MLP's `hook_mlp_out` (all positions) by zero or by
+its mean over the prompt's positions, through the bridge's `run_with_hooks`; many single ablations run as one
+batch, one batch row per ablated set.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+ABLATIONS = ("zero", "mean")
+
+
+# ----------------------------------------------------------------------------- reading the model
+
+
+def has_post_attention_norm(model) -> bool:
+    """True for Gemma-2/3, whose blocks normalize the attention output before adding it to the residual."""
+    return hasattr(model.bridge.blocks[0], "ln1_post")
+
+
+def cache_hook_names(model) -> list[str]:
+    """The bridge hooks a decomposition needs (pass to run_with_cache's names_filter to keep memory small)."""
+    names = ["blocks.0.hook_resid_pre", "ln_final.hook_in", "ln_final.hook_scale", "unembed.hook_out"]
+    post = has_post_attention_norm(model)
+    for layer in range(model.n_layers):
+        names += [f"blocks.{layer}.attn.hook_z", f"blocks.{layer}.hook_attn_out", f"blocks.{layer}.hook_mlp_out",
+                  f"blocks.{layer}.attn.hook_pattern"]
+        if post:
+            names.append(f"blocks.{layer}.ln1_post.hook_scale")
+    return names
+
+
+def _probe_norm(norm) -> tuple[str, torch.Tensor]:
+    """(convention, effective weight float32 [d_model]) of an RMSNorm module, read by running it on ones."""
+    weight = getattr(norm, "weight", None)
+    if weight is None:
+        raise ValueError(f"{type(norm).__name__} has no weight: the attribution supports RMSNorm-style norms.")
+    with torch.no_grad():
+        probe = norm(torch.ones(1, 1, weight.shape[-1], dtype=weight.dtype, device=weight.device))[0, 0].float()
+    candidates = {"w": weight.detach().float(), "1 + w": 1.0 + weight.detach().float()}
+    distance = {name: (probe - w).abs().max().item() for name, w in candidates.items()}
+    best = min(distance, key=distance.get)
+    if distance[best] > 1e-2 * max(1.0, candidates[best].abs().max().item()):
+        raise ValueError(f"{type(norm).__name__} multiplies by neither its weight nor 1 + weight "
+                         f"(distances {distance}): the attribution does not know this norm.")
+    return best, candidates[best]
+
+
+def effective_norm_weight(norm) -> torch.Tensor:
+    """The elementwise weight an RMSNorm module really multiplies by, float32 [d_model].
+
+    Llama, Qwen3 and Mistral multiply by `weight`; Gemma by `1 + weight`. Rather than assume it from the
+    architecture's name, the module is run on a vector of ones (RMSNorm(1) = w_eff / sqrt(1 + eps), eps ~1e-6)
+    and the convention whose float32 weight matches that output is used. A module matching neither raises.
+    """
+    return _probe_norm(norm)[1]
+
+
+def norm_weight_convention(norm) -> str:
+    """"w" or "1 + w": how the module applies its weight (see `effective_norm_weight`)."""
+    return _probe_norm(norm)[0]
+
+
+def head_outputs(z: torch.Tensor, W_O: torch.Tensor) -> torch.Tensor:
+    """What each head writes into the residual stream, before any o_proj bias.
+
+    z: [..., n_heads, head_dim] (hook_z); W_O: the o_proj weight [d_model, n_heads * head_dim].
+    Returns [..., n_heads, d_model]; the sum over heads equals o_proj(z) without its bias.
+    """
+    n_heads, head_dim = z.shape[-2:]
+    return torch.einsum("...hd,mhd->...hm", z, W_O.reshape(W_O.shape[0], n_heads, head_dim))
+
+
+# ----------------------------------------------------------------------------- the decomposition
+
+
+@dataclass
+class Decomposition:
+    """The last position's residual stream entering the final norm, as pieces (all float32).
+
+    Invariant: embed + heads.sum((0, 1)) + attn_bias.sum(0) + mlps.sum(0) == resid_final.
+    """
+    embed: torch.Tensor  # [d_model]: the embeddings (after any embedding scaling), = hook_resid_pre of block 0
+    heads: torch.Tensor  # [n_layers, n_heads, d_model]: each head, after the frozen post-norm if any
+    attn_bias: torch.Tensor  # [n_layers, d_model]: o_proj bias (zeros when absent), after the frozen post-norm
+    mlps: torch.Tensor  # [n_layers, d_model]: hook_mlp_out (after Gemma's post-feedforward norm)
+    attn_out: torch.Tensor  # [n_layers, d_model]: the model's own hook_attn_out, for the checks
+    resid_final: torch.Tensor  # [d_model]: the model's own residual entering the final norm
+    rms_final: torch.Tensor  # scalar: the final norm's scale sqrt(mean(x^2) + eps), frozen from the run
+
+    def total(self) -> torch.Tensor:
+        """[d_model]: the sum of all pieces."""
+        return self.embed + self.heads.sum(dim=(0, 1)) + self.attn_bias.sum(dim=0) + self.mlps.sum(dim=0)
+
+    def blocks_in_model_order(self) -> torch.Tensor:
+        """[d_model]: embed + attn_out_0 + mlp_out_0 + attn_out_1 + ..., added in the order the model adds them
+        (so in float32 it reproduces the model's residual bit for bit, while `total` differs by rounding)."""
+        x = self.embed
+        for attn, mlp in zip(self.attn_out, self.mlps):
+            x = (x + attn) + mlp
+        return x
+
+
+def post_attention_scales(model, cache, position: int = -1) -> torch.Tensor | None:
+    """Gemma's post-attention norm at one position as a frozen elementwise map: w_eff / rms, [n_layers, d_model].
+
+    None for models without that norm. rms is the norm's own `hook_scale` from the run (sqrt(mean(o^2) + eps)).
+    """
+    if not has_post_attention_norm(model):
+        return None
+    return torch.stack([effective_norm_weight(model.bridge.blocks[layer].ln1_post)
+                        / cache[f"blocks.{layer}.ln1_post.hook_scale"][0, position].float()
+                        for layer in range(model.n_layers)])
+
+
+def attention_pieces(model, z: torch.Tensor, post_scales: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """What every head and every o_proj bias adds to the residual stream, float32.
+
+    z: [n_layers, n_heads, head_dim] (hook_z at one position, or replacement values); post_scales: from
+    `post_attention_scales` (None = no post-attention norm). Returns (heads [n_layers, n_heads, d_model],
+    biases [n_layers, d_model], zeros where o_proj has no bias).
+    """
+    heads, biases = [], []
+    for layer, block in enumerate(model.hf_model.model.layers):
+        o_proj = block.self_attn.o_proj
+        head = head_outputs(z[layer].float(), o_proj.weight.detach().float())  # [n_heads, d_model]
+        bias = o_proj.bias.detach().float() if getattr(o_proj, "bias", None) is not None else torch.zeros_like(head[0])
+        if post_scales is not None:  # the frozen norm is a fixed elementwise linear map
+            head, bias = head * post_scales[layer], bias * post_scales[layer]
+        heads.append(head)
+        biases.append(bias)
+    return torch.stack(heads), torch.stack(biases)
+
+
+def decompose_last_position(model, cache) -> Decomposition:
+    """Split the last position's final residual stream into pieces, from a bridge cache of one prompt.
+
+    cache: from `model.bridge.run_with_cache(input_ids [1, seq], names_filter=cache_hook_names(model))`.
+    """
+    def last(name):
+        return cache[name][0, -1].float()
+
+    z = torch.stack([last(f"blocks.{layer}.attn.hook_z") for layer in range(model.n_layers)])  # [L, H, hd]
+    heads, biases = attention_pieces(model, z, post_attention_scales(model, cache))
+    return Decomposition(embed=last("blocks.0.hook_resid_pre"), heads=heads, attn_bias=biases,
+                         mlps=torch.stack([last(f"blocks.{layer}.hook_mlp_out") for layer in range(model.n_layers)]),
+                         attn_out=torch.stack([last(f"blocks.{layer}.hook_attn_out")
+                                               for layer in range(model.n_layers)]),
+                         resid_final=last("ln_final.hook_in"), rms_final=last("ln_final.hook_scale").reshape(()))
+
+
+# ----------------------------------------------------------------------------- the metric and its attribution
+
+
+def metric_direction(model, target_id: int, counter_id: int | None = None) -> tuple[torch.Tensor, float]:
+    """The unembedding direction of the metric and its bias term.
+
+    Returns (direction [d_model] float32, bias): metric = final_norm(x) @ direction + bias, where the metric is
+    the target's logit (counter_id None) or logit(target) - logit(counter_id), both before any soft-cap.
+    """
+    unembedding = model.unembedding
+    W_U = unembedding.weight.detach()  # [vocab, d_model]
+    b_U = getattr(unembedding, "bias", None)
+    direction = W_U[target_id].float()
+    bias = float(b_U[target_id]) if b_U is not None else 0.0
+    if counter_id is not None:
+        direction = direction - W_U[counter_id].float()
+        bias -= float(b_U[counter_id]) if b_U is not None else 0.0
+    return direction, bias
+
+
+def metric_from_logits(logits: torch.Tensor, target_id: int, counter_id: int | None = None) -> torch.Tensor:
+    """logits: [..., vocab] (before any soft-cap) -> the metric [...], float32."""
+    logits = logits.float()
+    metric = logits[..., target_id]
+    return metric - logits[..., counter_id] if counter_id is not None else metric
+
+
+def direct_logit_attribution(pieces: torch.Tensor, rms_final: torch.Tensor, final_norm_weight: torch.Tensor,
+                             direction: torch.Tensor) -> torch.Tensor:
+    """The metric each residual-stream piece writes, through the final norm with its scale frozen.
+
+    pieces: [..., d_model]; rms_final: scalar; final_norm_weight, direction: [d_model]. Returns [...].
+    Linear in the pieces, so the attributions of pieces add up to the attribution of their sum.
+    """
+    return (pieces.float() / rms_final) @ (final_norm_weight * direction)
+
+
+@dataclass
+class Attribution:
+    """The metric at the last position, split into parts that add up to it (floats / float32 tensors)."""
+    embed: float
+    heads: torch.Tensor  # [n_layers, n_heads]
+    attn_bias: torch.Tensor  # [n_layers]: each layer's o_proj bias (zero for the lab's four architectures)
+    mlps: torch.Tensor  # [n_layers]
+    unembed_bias: float  # the lm_head bias term (0.0 when there is none)
+
+    @property
+    def bias(self) -> float:
+        """All bias terms together: o_proj biases of every layer and the unembedding bias."""
+        return float(self.attn_bias.sum()) + self.unembed_bias
+
+    @property
+    def attn_per_layer(self) -> torch.Tensor:
+        """[n_layers]: the sum of each layer's heads (its o_proj bias is counted in `bias`)."""
+        return self.heads.sum(dim=-1)
+
+    def total(self) -> float:
+        return self.embed + float(self.heads.sum()) + float(self.mlps.sum()) + self.bias
+
+
+def direct_attributor(model, rms_final: torch.Tensor, target_id: int, counter_id: int | None = None):
+    """A function pieces [..., d_model] -> their direct attribution [...] to the metric (final-norm scale frozen)."""
+    direction, _ = metric_direction(model, target_id, counter_id)
+    weight = effective_norm_weight(model.final_norm)
+    return lambda pieces: direct_logit_attribution(pieces, rms_final, weight, direction)
+
+
+def attribute(model, decomposition: Decomposition, target_id: int, counter_id: int | None = None) -> Attribution:
+    """Direct logit attribution of the metric to every piece of a Decomposition."""
+    dla = direct_attributor(model, decomposition.rms_final, target_id, counter_id)
+    return Attribution(embed=float(dla(decomposition.embed)), heads=dla(decomposition.heads),
+                       attn_bias=dla(decomposition.attn_bias), mlps=dla(decomposition.mlps),
+                       unembed_bias=metric_direction(model, target_id, counter_id)[1])
+
+
+def direct_effects_of_ablation(model, cache, decomposition: Decomposition, z_values: torch.Tensor,
+                               mlp_values: torch.Tensor, target_id: int, counter_id: int | None = None):
+    """How much each single ablation changes the metric through the direct path alone (metric clean - ablated).
+
+    It is the attribution of what the ablation takes away at the last position, the clean piece minus its
+    replacement, with the final-norm (and Gemma's post-attention norm) scales frozen: for zero ablation, exactly
+    the DLA. Comparing it with the measured total effect shows what flows through later layers instead.
+    z_values [n_layers, n_heads, head_dim], mlp_values [n_layers, d_model]: see `ablation_values`.
+    Returns (heads [n_layers, n_heads], mlps [n_layers]) float32.
+    """
+    dla = direct_attributor(model, decomposition.rms_final, target_id, counter_id)
+    replaced_heads, _ = attention_pieces(model, z_values, post_attention_scales(model, cache))
+    return dla(decomposition.heads) - dla(replaced_heads), dla(decomposition.mlps) - dla(mlp_values.float())
+
+
+def tolerance(model, values: torch.Tensor, float32_tolerance: float = 1e-4) -> float:
+    """How close two computations of the same numbers must be: `float32_tolerance` in float32; in 16-bit, a
+    share of the values' scale: 1% in float16 (~3 significant digits), 4% in bfloat16 (~2; measured on SmolLM2:
+    a batched and a single forward pass differ by 0.19 in a logit difference of 4 with logits near 20)."""
+    if model.dtype == torch.float32:
+        return float32_tolerance
+    share = 4e-2 if model.dtype == torch.bfloat16 else 1e-2
+    return share * max(1.0, values.float().abs().max().item())
+
+
+def decomposition_checks(model, decomposition: Decomposition, attribution: Attribution,
+                         model_metric: float, logits_pre_softcap: torch.Tensor, logits: torch.Tensor) -> list[dict]:
+    """The invariants of one prompt's attribution, as check dicts for common.report.check_lines.
+
+    logits_pre_softcap, logits: [vocab] at the last position (the lm_head output, and the model's output).
+    The metric must match within 1e-4 in float32. The two residual-stream identities are compared with a
+    tolerance relative to the activations' scale (1e-5 of it in float32): residual streams reach hundreds
+    (SmolLM2: ~580), and summing pieces in another order than the model's changes the last float32 bits.
+    """
+    def check(name, diff, limit):
+        return {"name": name, "max_abs_diff": float(diff), "tolerance": float(limit), "passed": bool(diff <= limit)}
+
+    def relative(values):
+        return tolerance(model, values, 1e-5 * max(1.0, values.abs().max().item()))
+
+    heads_sum = decomposition.heads.sum(dim=1) + decomposition.attn_bias  # [n_layers, d_model]
+    checks = [
+        check("embed + attention + MLP outputs (hooks) == residual entering the final norm",
+              (decomposition.blocks_in_model_order() - decomposition.resid_final).abs().max().item(),
+              relative(decomposition.resid_final)),
+        check("heads + o_proj bias == each layer's attention output (hook_attn_out)",
+              (heads_sum - decomposition.attn_out).abs().max().item(), relative(decomposition.attn_out)),
+        check("DLA pieces add up to the model's metric (logits before soft-cap)",
+              abs(attribution.total() - model_metric), tolerance(model, logits_pre_softcap)),
+    ]
+    if model.softcap:
+        capped = model.softcap * torch.tanh(logits_pre_softcap.float() / model.softcap)
+        checks.append(check(f"soft-cap {model.softcap:g} * tanh(lm_head / {model.softcap:g}) == model logits",
+                            (capped - logits.float()).abs().max().item(), tolerance(model, logits)))
+    return checks
+
+
+# ----------------------------------------------------------------------------- ablations
+
+
+def ablation_values(cache, n_layers: int, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """What an ablated head's z and an ablated MLP's output are replaced by, at every position.
+
+    kind: "zero", or "mean" = the clean activation's mean over this prompt's positions.
+    Returns (z_values [n_layers, n_heads, head_dim], mlp_values [n_layers, d_model]) in the cache's dtype.
+    """
+    if kind not in ABLATIONS:
+        raise ValueError(f"ablation must be one of {ABLATIONS}, not {kind!r}")
+    z = torch.stack([cache[f"blocks.{layer}.attn.hook_z"][0] for layer in range(n_layers)])  # [L, seq, H, hd]
+    mlp = torch.stack([cache[f"blocks.{layer}.hook_mlp_out"][0] for layer in range(n_layers)])  # [L, seq, d]
+    if kind == "zero":
+        return torch.zeros_like(z[:, 0]), torch.zeros_like(mlp[:, 0])
+    return z.mean(dim=1), mlp.mean(dim=1)
+
+
+def position0_share(cache, n_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """How much position 0 dominates each component's output: its norm over the median norm of the others.
+
+    Position 0 is the attention sink and often holds massive activations; where this ratio is large, a mean
+    over the prompt's positions is mostly position 0's value. Returns (heads [n_layers, n_heads] from hook_z,
+    mlps [n_layers] from hook_mlp_out), float32; 1.0 everywhere for one-token prompts.
+    """
+    z = torch.stack([cache[f"blocks.{layer}.attn.hook_z"][0] for layer in range(n_layers)]).float()  # [L, seq, H, hd]
+    mlp = torch.stack([cache[f"blocks.{layer}.hook_mlp_out"][0] for layer in range(n_layers)]).float()  # [L, seq, d]
+    if z.shape[1] < 2:
+        return torch.ones(z.shape[0], z.shape[2]), torch.ones(mlp.shape[0])
+
+    def ratio(norms):  # [L, seq, ...] -> [L, ...]
+        return norms[:, 0] / norms[:, 1:].median(dim=1).values.clamp_min(1e-12)
+
+    return ratio(z.norm(dim=-1)).cpu(), ratio(mlp.norm(dim=-1)).cpu()
+
+
+def ablation_hooks(head_mask: torch.Tensor, mlp_mask: torch.Tensor, z_values: torch.Tensor,
+                   mlp_values: torch.Tensor) -> list[tuple[str, object]]:
+    """Bridge forward hooks that ablate, in batch row b, the heads with head_mask[b] and the MLPs with mlp_mask[b].
+
+    head_mask: [batch, n_layers, n_heads] bool; mlp_mask: [batch, n_layers] bool;
+    z_values: [n_layers, n_heads, head_dim]; mlp_values: [n_layers, d_model] (see `ablation_values`).
+    Layers with nothing ablated get no hook. Returns [(hook name, fn)] for `bridge.run_with_hooks`.
+    """
+    hooks = []
+    for layer in range(head_mask.shape[1]):
+        if head_mask[:, layer].any():
+            def replace_heads(z, hook, mask=head_mask[:, layer], value=z_values[layer]):
+                # z: [batch, seq, n_heads, head_dim]; mask [batch, n_heads]; value [n_heads, head_dim]
+                return torch.where(mask[:, None, :, None].to(z.device), value.to(z.device, z.dtype), z)
+            hooks.append((f"blocks.{layer}.attn.hook_z", replace_heads))
+        if mlp_mask[:, layer].any():
+            def replace_mlp(out, hook, mask=mlp_mask[:, layer], value=mlp_values[layer]):
+                # out: [batch, seq, d_model]; mask [batch]; value [d_model]
+                return torch.where(mask[:, None, None].to(out.device), value.to(out.device, out.dtype), out)
+            hooks.append((f"blocks.{layer}.hook_mlp_out", replace_mlp))
+    return hooks
+
+
+@torch.no_grad()
+def run_ablations(model, input_ids: torch.Tensor, head_mask: torch.Tensor, mlp_mask: torch.Tensor,
+                  z_values: torch.Tensor, mlp_values: torch.Tensor, target_id: int, counter_id: int | None = None,
+                  batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """The metric and the target's probability at the last position, for each ablated set.
+
+    input_ids: [1, seq]; head_mask [n_sets, n_layers, n_heads] and mlp_mask [n_sets, n_layers] bool (a row with
+    nothing set is the clean run). Runs `batch_size` sets per forward pass (the prompt repeated, no padding).
+    Returns (metric [n_sets], target_prob [n_sets]), float32 on the CPU. The metric is read from the lm_head
+    output (before any soft-cap); the probability from the model's final logits (after it).
+    """
+    metrics, probs = [], []
+    for start in range(0, head_mask.shape[0], batch_size):
+        heads, mlps = head_mask[start:start + batch_size], mlp_mask[start:start + batch_size]
+        captured = {}
+
+        def keep_lm_head_output(logits, hook):  # [batch, kept positions, vocab]
+            captured["pre"] = logits[:, -1].float()
+
+        hooks = ablation_hooks(heads, mlps, z_values, mlp_values) + [("unembed.hook_out", keep_lm_head_output)]
+        ids = input_ids.to(model.device).expand(heads.shape[0], -1)
+        # logits_to_keep=1 (passed on to the HF model): only the last position is unembedded.
+        logits = model.bridge.run_with_hooks(ids, fwd_hooks=hooks, logits_to_keep=1)[:, -1].float()
+        metrics.append(metric_from_logits(captured["pre"], target_id, counter_id).cpu())
+        probs.append(torch.softmax(logits, dim=-1)[:, target_id].cpu())
+    return torch.cat(metrics), torch.cat(probs)
+
+
+def ablation_masks(n_layers: int, n_heads: int, sets: list[tuple[list, list]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masks for `run_ablations`, one row per ablated set.
+
+    sets: [(heads [(layer, head), ...], mlps [layer, ...])]; ([], []) is the clean run.
+    Returns (head_mask [n_sets, n_layers, n_heads], mlp_mask [n_sets, n_layers]) bool.
+    """
+    head_mask = torch.zeros(len(sets), n_layers, n_heads, dtype=torch.bool)
+    mlp_mask = torch.zeros(len(sets), n_layers, dtype=torch.bool)
+    for row, (heads, mlps) in enumerate(sets):
+        for layer, head in heads:
+            head_mask[row, layer, head] = True
+        for layer in mlps:
+            mlp_mask[row, layer] = True
+    return head_mask, mlp_mask
+
+
+# ----------------------------------------------------------------------------- rankings
+
+
+def top_indices(values: torch.Tensor, k: int, by: str = "abs") -> list[int]:
+    """Indices of the k largest entries of a flat tensor: by "abs" (size, either sign) or "signed" (most positive)."""
+    key = values.abs() if by == "abs" else values
+    return torch.topk(key, min(k, values.numel())).indices.tolist()
+
+
+def ranks(values: torch.Tensor) -> torch.Tensor:
+    """values [n] -> the rank of each (0 = largest), ties broken by position."""
+    order = torch.argsort(values, descending=True, stable=True)
+    result = torch.empty_like(order)
+    result[order] = torch.arange(len(values))
+    return result
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation of two [n] tensors (the Pearson correlation of their ranks); nan when n < 2."""
+    if a.numel() < 2:
+        return float("nan")
+    ra, rb = ranks(a.float()).float(), ranks(b.float()).float()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denominator = (ra.norm() * rb.norm()).item()
+    return float((ra @ rb).item() / denominator) if denominator else float("nan")

@@ -1,0 +1,365 @@
+"""003: direct logit attribution adds up to the metric, ablations match hand-made ones, end to end runs.
+
+The tiny models get random norm weights (and, in one Llama variant, o_proj biases), so a decomposition that
+forgot a norm weight, used the wrong Gemma convention or dropped a bias would not add up.
+"""
+import json
+
+import pytest
+import torch
+
+from conftest import ARCHITECTURES, run_script
+
+SCRIPT = "003_circuit_analysis/run.py"
+PROMPT = "The capital of France is"
+TARGET, COUNTER = "Paris", "London"
+
+
+def _randomize(hf_model, with_bias: bool, seed: int = 0):
+    """Random norm weights everywhere (and o_proj biases when asked), so every term of the attribution matters."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, module in hf_model.named_modules():
+            if type(module).__name__.endswith("RMSNorm"):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * 0.3 + 0.5)
+            if with_bias and name.endswith("o_proj") and module.bias is not None:
+                module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * 0.05)
+
+
+@pytest.fixture(scope="module")
+def bias_folder(tmp_path_factory, embedded_folder):
+    """A tiny Llama whose attention projections have biases (attention_bias=True)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from tiny_models import tiny_configs
+    config = tiny_configs()["llama"]
+    config.attention_bias = True
+    folder = tmp_path_factory.mktemp("tiny_bias")
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(embedded_folder).save_pretrained(folder)
+    return folder
+
+
+_models = {}
+
+
+@pytest.fixture(params=ARCHITECTURES + ["llama_bias"])
+def pair(request, tiny_folders, bias_folder):
+    """(model, reference): the same randomized tiny model twice; the bridge boots on `model` only, so
+    `reference` stays a plain Hugging Face model for computations by hand."""
+    from common.models import load_model
+    name = request.param
+    if name not in _models:
+        folder = bias_folder if name == "llama_bias" else tiny_folders[name]
+        model, reference = load_model(str(folder), "cpu", "float32"), load_model(str(folder), "cpu", "float32")
+        for loaded in (model, reference):
+            _randomize(loaded.hf_model, with_bias=name == "llama_bias")
+        _models[name] = (name, model, reference)
+    return _models[name]
+
+
+def _ids_and_tokens(model):
+    """input_ids [1, seq], target id, counterfactual id."""
+    from common.prompts import encode, target_token
+    return (encode(model, PROMPT), target_token(model.tokenizer, PROMPT, TARGET).token_id,
+            target_token(model.tokenizer, PROMPT, COUNTER).token_id)
+
+
+@torch.no_grad()
+def _hf_pre_softcap_logits(reference, ids, hooks=()) -> torch.Tensor:
+    """The lm_head output at the last position from plain HF (forward hooks by hand), [vocab]."""
+    captured = {}
+    handles = [reference.unembedding.register_forward_hook(lambda m, i, out: captured.update(out=out))]
+    handles += [module.register_forward_hook(fn) for module, fn in hooks]
+    try:
+        reference.hf_model(ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured["out"][0, -1].float()
+
+
+def _cached(model, ids):
+    from common import attribution as A
+    with torch.no_grad():
+        return model.bridge.run_with_cache(ids, names_filter=A.cache_hook_names(model))
+
+
+# ----------------------------------------------------------------------------- attribution
+
+
+@pytest.mark.parametrize("metric", ["logit", "logit_diff"])
+def test_pieces_sum_to_the_metric(pair, metric):
+    from common import attribution as A
+    name, model, reference = pair
+    ids, target, counter = _ids_and_tokens(model)
+    counter_id = counter if metric == "logit_diff" else None
+    logits, cache = _cached(model, ids)
+    decomposition = A.decompose_last_position(model, cache)
+    attribution = A.attribute(model, decomposition, target, counter_id)
+    # The reference metric comes from plain HF, not from the bridge cache the pieces were read from.
+    expected = float(A.metric_from_logits(_hf_pre_softcap_logits(reference, ids), target, counter_id))
+    assert attribution.total() == pytest.approx(expected, abs=1e-4)
+    assert abs(expected) > 1e-3  # the test would notice a decomposition that sums to zero
+    pre = cache["unembed.hook_out"][0, -1]
+    for check in A.decomposition_checks(model, decomposition, attribution, expected, pre, logits[0, -1]):
+        assert check["passed"], check
+    assert A.norm_weight_convention(model.final_norm) == ("1 + w" if name == "gemma2" else "w")
+    if name == "llama_bias":
+        assert attribution.attn_bias.abs().max() > 1e-4  # the bias term is there and counted
+    # Dropping the final norm's weight (the unfolded-cache pitfall in DESIGN.md) breaks the sum.
+    direction, _ = A.metric_direction(model, target, counter_id)
+    weightless = A.direct_logit_attribution(decomposition.resid_final, decomposition.rms_final,
+                                            torch.ones_like(direction), direction)
+    assert abs(float(weightless) - expected) > 1e-3
+
+
+def test_post_attention_norm_is_frozen_per_head(tiny_folders):
+    """Gemma-2: the heads pass through the post-attention norm; with its scale frozen they add up exactly."""
+    from common import attribution as A
+    from common.models import load_model
+    model = load_model(str(tiny_folders["gemma2"]), "cpu", "float32")
+    _randomize(model.hf_model, with_bias=False)
+    ids, _, _ = _ids_and_tokens(model)
+    names = A.cache_hook_names(model) + [f"blocks.{layer}.attn.hook_out" for layer in range(model.n_layers)]
+    with torch.no_grad():
+        _, cache = model.bridge.run_with_cache(ids, names_filter=names)
+    assert A.has_post_attention_norm(model)
+    decomposition = A.decompose_last_position(model, cache)
+    raw = torch.stack([cache[f"blocks.{layer}.attn.hook_out"][0, -1] for layer in range(model.n_layers)])
+    assert not torch.allclose(raw, decomposition.attn_out, atol=1e-3)  # the norm changes the output...
+    heads = decomposition.heads.sum(dim=1) + decomposition.attn_bias
+    assert torch.allclose(heads, decomposition.attn_out, atol=1e-4)  # ...and the frozen heads still add up
+
+
+def test_head_outputs_sum_to_o_proj():
+    from common.attribution import head_outputs
+    torch.manual_seed(0)
+    z = torch.randn(5, 4, 8)  # [seq, n_heads, head_dim]
+    o_proj = torch.nn.Linear(32, 16, bias=False)
+    heads = head_outputs(z, o_proj.weight)
+    assert heads.shape == (5, 4, 16)
+    assert torch.allclose(heads.sum(dim=1), o_proj(z.reshape(5, 32)), atol=1e-5)
+    assert torch.allclose(heads[:, 2], z[:, 2] @ o_proj.weight[:, 16:24].T, atol=1e-5)
+
+
+def test_rank_helpers():
+    import numpy as np
+
+    from common.attribution import ranks, spearman, top_indices
+    torch.manual_seed(1)
+    a, b = torch.randn(50), torch.randn(50)
+    # Without ties, Spearman = 1 - 6 sum(d^2) / (n (n^2 - 1)), d = difference of ranks (numpy's, independently).
+    d = np.argsort(np.argsort(a.numpy())) - np.argsort(np.argsort(b.numpy()))
+    assert spearman(a, b) == pytest.approx(1 - 6 * (d ** 2).sum() / (50 * (50 ** 2 - 1)), abs=1e-6)
+    assert spearman(a, a) == pytest.approx(1.0) and spearman(a, -a) == pytest.approx(-1.0)
+    assert ranks(torch.tensor([0.5, 3.0, -1.0])).tolist() == [1, 0, 2]
+    assert top_indices(torch.tensor([0.5, -3.0, 1.0]), 2) == [1, 2]
+    assert top_indices(torch.tensor([0.5, -3.0, 1.0]), 2, by="signed") == [2, 0]
+
+
+def test_position0_share_finds_a_dominating_first_position():
+    from common.attribution import position0_share
+    z = torch.ones(1, 4, 2, 3)  # [batch, seq, n_heads, head_dim]
+    z[0, 0, 1] = 50.0  # head 1: position 0 is 50x the others
+    mlp = torch.ones(1, 4, 6)
+    cache = {"blocks.0.attn.hook_z": z, "blocks.0.hook_mlp_out": mlp}
+    heads, mlps = position0_share(cache, 1)
+    assert heads.tolist() == [[pytest.approx(1.0), pytest.approx(50.0)]] and mlps.tolist() == [pytest.approx(1.0)]
+
+
+# ----------------------------------------------------------------------------- ablations
+
+
+def test_ablating_nothing_changes_nothing(pair):
+    from common import attribution as A
+    _, model, _ = pair
+    ids, target, counter = _ids_and_tokens(model)
+    logits, cache = _cached(model, ids)
+    clean = float(A.metric_from_logits(cache["unembed.hook_out"][0, -1], target, counter))
+    # Clean rows alone, and a clean row batched with rows that do ablate something.
+    sets = [([], []), ([(0, 0), (1, 2)], [1]), ([], [0]), ([], [])]
+    head_mask, mlp_mask = A.ablation_masks(model.n_layers, model.n_heads, sets)
+    z_values, mlp_values = A.ablation_values(cache, model.n_layers, "zero")
+    metric, prob = A.run_ablations(model, ids, head_mask, mlp_mask, z_values, mlp_values, target, counter)
+    clean_prob = float(torch.softmax(logits[0, -1], -1)[target])
+    for row in (0, 3):
+        assert float(metric[row]) == pytest.approx(clean, abs=1e-5)
+        assert float(prob[row]) == pytest.approx(clean_prob, abs=1e-6)
+    assert abs(float(metric[1]) - clean) > 1e-4  # the ablating rows really ablate
+
+
+@pytest.mark.parametrize("kind", ["zero", "mean"])
+def test_ablating_a_head_equals_doing_it_by_hand(pair, kind):
+    """The bridge ablation of one head equals editing that head's slice of o_proj in plain HF."""
+    from common import attribution as A
+    _, model, reference = pair
+    ids, target, counter = _ids_and_tokens(model)
+    _, cache = _cached(model, ids)
+    attribution = A.attribute(model, A.decompose_last_position(model, cache), target, counter)
+    layer, head = divmod(A.top_indices(attribution.heads.flatten(), 1)[0], model.n_heads)
+    head_mask, mlp_mask = A.ablation_masks(model.n_layers, model.n_heads, [([(layer, head)], [])])
+    z_values, mlp_values = A.ablation_values(cache, model.n_layers, kind)
+    metric, _ = A.run_ablations(model, ids, head_mask, mlp_mask, z_values, mlp_values, target, counter)
+
+    o_proj = reference.hf_model.model.layers[layer].self_attn.o_proj
+    head_dim = o_proj.in_features // model.n_heads
+    part = slice(head * head_dim, (head + 1) * head_dim)
+
+    def by_hand(module, inputs, output):  # inputs[0]: z of all heads, [1, seq, n_heads * head_dim]
+        z = inputs[0][..., part]
+        replacement = torch.zeros_like(z) if kind == "zero" else z.mean(dim=1, keepdim=True).expand_as(z)
+        return output - (z - replacement) @ module.weight[:, part].T  # o_proj is linear in each head's z
+
+    expected = A.metric_from_logits(_hf_pre_softcap_logits(reference, ids, [(o_proj, by_hand)]), target, counter)
+    clean = A.metric_from_logits(_hf_pre_softcap_logits(reference, ids), target, counter)
+    assert float(metric[0]) == pytest.approx(float(expected), abs=1e-4)
+    assert abs(float(expected - clean)) > 1e-4  # the head matters, so a no-op ablation would fail
+
+
+def test_zero_ablating_an_mlp_equals_doing_it_by_hand(pair):
+    from common import attribution as A
+    name, model, reference = pair
+    ids, target, counter = _ids_and_tokens(model)
+    _, cache = _cached(model, ids)
+    layer = model.n_layers // 2
+    head_mask, mlp_mask = A.ablation_masks(model.n_layers, model.n_heads, [([], [layer])])
+    z_values, mlp_values = A.ablation_values(cache, model.n_layers, "zero")
+    metric, _ = A.run_ablations(model, ids, head_mask, mlp_mask, z_values, mlp_values, target, counter)
+    block = reference.hf_model.model.layers[layer]
+    # What the block adds to the residual: Gemma-2 normalizes the MLP output first.
+    module = block.post_feedforward_layernorm if name == "gemma2" else block.mlp
+    expected = A.metric_from_logits(
+        _hf_pre_softcap_logits(reference, ids, [(module, lambda m, i, out: torch.zeros_like(out))]), target, counter)
+    assert float(metric[0]) == pytest.approx(float(expected), abs=1e-4)
+
+
+def test_direct_effect_of_zero_ablation_is_the_attribution(pair):
+    from common import attribution as A
+    _, model, _ = pair
+    ids, target, counter = _ids_and_tokens(model)
+    _, cache = _cached(model, ids)
+    decomposition = A.decompose_last_position(model, cache)
+    attribution = A.attribute(model, decomposition, target, counter)
+    z_values, mlp_values = A.ablation_values(cache, model.n_layers, "zero")
+    heads, mlps = A.direct_effects_of_ablation(model, cache, decomposition, z_values, mlp_values, target, counter)
+    assert torch.allclose(heads, attribution.heads, atol=1e-6) and torch.allclose(mlps, attribution.mlps, atol=1e-6)
+    z_mean, mlp_mean = A.ablation_values(cache, model.n_layers, "mean")
+    heads_mean, _ = A.direct_effects_of_ablation(model, cache, decomposition, z_mean, mlp_mean, target, counter)
+    assert not torch.allclose(heads_mean, attribution.heads, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def _run_folders(out_dir):
+    return [p for p in out_dir.glob("*/*") if p.is_dir()]
+
+
+def _check_contract(results: dict, n_layers: int, n_heads: int):
+    assert results["experiment"] == "003_circuit_analysis"
+    assert results["n_layers"] == n_layers and results["n_heads"] == n_heads
+    for record in results["prompts"]:
+        attribution = record["attribution"]
+        assert len(attribution["heads"]) == n_layers and all(len(row) == n_heads for row in attribution["heads"])
+        assert len(attribution["mlps"]) == n_layers
+        total = attribution["embed"] + sum(map(sum, attribution["heads"])) + sum(attribution["mlps"]) + attribution[
+            "bias"]
+        assert total == pytest.approx(record["metric"], abs=1e-4)
+        assert all(check["passed"] for check in record["self_checks"]), record["self_checks"]
+        assert 0 <= record["target_prob"] <= 1
+        kinds = [a["kind"] for a in record["ablations"]]
+        assert kinds[:2] == ["top heads", "top MLPs"] and "head" in kinds and "mlp" in kinds
+
+
+@pytest.fixture(scope="module")
+def embedded_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs003")
+    prompts = out / "prompts.json"
+    prompts.write_text(json.dumps([
+        {"prompt": "The capital of France is", "target": "Paris", "counterfactual": "London", "subject": "France"},
+        {"prompt": "The opposite of hot is", "target": "cold", "counterfactual": "warm"}]))
+    result = run_script(SCRIPT, f"--OUT_DIR={out / 'out'}", f"--PROMPTS_FILE={prompts}", "--METRIC=logit_diff",
+                        "--TOP_K=3", "--ABLATE_EVERY=False")
+    return out / "out", result
+
+
+def test_embedded_run_writes_the_contract_files(embedded_run):
+    out, result = embedded_run
+    assert result.returncode == 0, result.stderr
+    [folder] = _run_folders(out)
+    assert {"results.json", "config.json", "report.md", "dla_heads_mean.png", "attn_vs_mlp_per_layer.png",
+            "direct_vs_total.png", "dla_heads_prompt0.png"} <= {p.name for p in folder.iterdir()}
+    results = json.loads((folder / "results.json").read_text())
+    _check_contract(results, 30, 9)
+    assert results["metric"] == "logit_diff" and results["final_norm_weight"] == "w"
+    france, hot = results["prompts"]
+    assert france["target_token"] == " Paris" and france["counter_token"] == " London"
+    assert france["subject_positions"] == [3]  # "France"; "hot" is lower case, so the rule finds no subject
+    assert hot["subject_positions"] == [] and hot["subject_attention"] is None
+    singles = [a for a in france["ablations"] if a["kind"] == "head"]
+    assert len(singles) == 3 and {a["components"][0] for a in singles} == {
+        f"L{h['layer']}H{h['head']}" for h in france["top_heads"]}
+    report = (folder / "report.md").read_text()
+    assert "PASS: DLA pieces add up to the model's metric" in report and "FAIL" not in report
+    assert "**frozen from the actual run**" in report and "![attention vs MLP per layer]" in report
+    config = json.loads((folder / "config.json").read_text())
+    assert config["toggles"]["METRIC"] == "logit_diff" and config["dtype"] == "float32"
+
+
+def test_embedded_answer_is_written_late_and_its_writers_matter(embedded_run):
+    """The science: the last third of SmolLM2's layers writes most of the answer's logit difference, and
+    ablating the heads that write it positively lowers it."""
+    out, _ = embedded_run
+    [folder] = _run_folders(out)
+    for record in json.loads((folder / "results.json").read_text())["prompts"]:
+        attribution = record["attribution"]
+        late = sum(attribution["attn_per_layer"][20:]) + sum(attribution["mlps"][20:])
+        assert record["metric"] > 0 and late > 0.5 * record["metric"], record["prompt"]
+        [writers] = [a for a in record["ablations"] if a["kind"] == "top heads"]
+        assert writers["components"] and writers["total_effect"] > 0
+
+
+def test_tiny_gemma2_run_with_mean_ablation_of_every_component(tiny_folders, tmp_path):
+    """Every head and MLP ablated alone, mean ablation, post-attention norms and soft-cap, end to end."""
+    prompts = _write(tmp_path / "prompts.json", json.dumps([
+        {"prompt": "The capital of France is", "target": "Paris"},
+        {"prompt": "Romeo and Juliet was written by William", "target": "Shakespeare"}]))
+    result = run_script(SCRIPT, f"--MODEL={tiny_folders['gemma2']}", f"--OUT_DIR={tmp_path / 'out'}",
+                        f"--PROMPTS_FILE={prompts}", "--ABLATION=mean", "--TOP_K=2")
+    assert result.returncode == 0, result.stderr
+    [folder] = _run_folders(tmp_path / "out")
+    results = json.loads((folder / "results.json").read_text())
+    _check_contract(results, 4, 4)
+    assert results["softcap"] == 30.0 and results["post_attention_norm"] and results["final_norm_weight"] == "1 + w"
+    assert len([a for a in results["prompts"][0]["ablations"] if a["kind"] == "head"]) == 16
+    report = (folder / "report.md").read_text()
+    assert "before** the soft-cap" in report and "PASS: soft-cap 30" in report
+    assert "ean ablation" in report  # the measured note on position 0's share of the mean
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("make_args, fragment", [
+    (lambda tmp: ["--METRIC=prob"], "METRIC must be one of"),
+    (lambda tmp: ["--ABLATION=resample"], "ABLATION must be one of"),
+    (lambda tmp: ["--TOP_K=0"], "TOP_K must be at least 1"),
+    (lambda tmp: ["--METRIC=logit_diff", f"--PROMPTS_FILE={_write(tmp / 'p.json', json.dumps([{'prompt': 'The capital of France is', 'target': 'Paris'}]))}"],  # noqa: E501
+     "no \"counterfactual\""),
+    (lambda tmp: [f"--PROMPTS_FILE={_write(tmp / 'p.json', json.dumps([{'prompt': 'The capital of France is', 'target': 'Paris', 'subject': 'Spain'}]))}"],  # noqa: E501
+     "does not occur in the prompt"),
+    (lambda tmp: ["--METRIC=logit_diff", f"--PROMPTS_FILE={_write(tmp / 'p.json', json.dumps([{'prompt': 'The capital of France is', 'target': 'Paris', 'counterfactual': 'Paris, France'}]))}"],  # noqa: E501
+     "starts with the same token"),
+])
+def test_bad_input_fails_with_one_line_and_no_results(tmp_path, tiny_folders, make_args, fragment):
+    out = tmp_path / "out"
+    # A tiny model (same tokenizer as the embedded one) keeps the checks that need a model fast.
+    result = run_script(SCRIPT, f"--OUT_DIR={out}", f"--MODEL={tiny_folders['llama']}", *make_args(tmp_path))
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines and fragment in lines[-1], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists() or not list(out.rglob("results.json"))
