@@ -34,7 +34,7 @@ class Prompt:
     extra: dict = field(default_factory=dict)  # anything else the file gave (counterfactuals, labels, ...)
 
 
-def _read_json_list(path: Path, what: str) -> list:
+def read_json_list(path: Path, what: str) -> list:
     if not path.is_file():
         raise LabError(f"{what} '{path}' does not exist: check the path.")
     try:
@@ -50,7 +50,7 @@ def load_prompts_file(path: str | Path) -> list[Prompt]:
     """Read a PROMPTS_FILE: a JSON list of {"prompt": str, "target": str}; other keys are kept in `extra`."""
     path = Path(path).expanduser()
     prompts = []
-    for i, item in enumerate(_read_json_list(path, "PROMPTS_FILE")):
+    for i, item in enumerate(read_json_list(path, "PROMPTS_FILE")):
         if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or not isinstance(
                 item.get("target"), str):
             raise LabError(f"PROMPTS_FILE '{path}' entry {i} must be an object with string fields "
@@ -67,7 +67,7 @@ def load_prompts_file(path: str | Path) -> list[Prompt]:
 def load_facts(path: str | Path) -> list[dict]:
     """Read an experiment's facts file (see the module docstring) and check its shape."""
     path = Path(path)
-    facts = _read_json_list(path, "Facts file")
+    facts = read_json_list(path, "Facts file")
     for i, fact in enumerate(facts):
         ok = (isinstance(fact, dict) and isinstance(fact.get("target"), str) and fact["target"].strip()
               and isinstance(fact.get("question"), str) and isinstance(fact.get("completions"), list)

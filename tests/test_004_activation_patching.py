@@ -1,0 +1,378 @@
+"""004 activation patching: its identities on tiny models of four architectures, batching against an
+independent one-at-a-time reference, attribution against finite differences, causal tracing, the pure
+helpers, and the experiment end to end (embedded model and a tiny Gemma-2) with its bad inputs."""
+import json
+
+import pytest
+import torch
+
+from common import patching as P
+from common.errors import LabError
+from common.prompts import encode
+from conftest import ARCHITECTURES, run_script
+
+SCRIPT = "004_activation_patching/run.py"
+CLEAN, CORRUPT = "The capital of France is", "The capital of Italy is"
+GRIDS = ("resid", "attn", "mlp", "head_all", "head_final")
+
+
+# ----------------------------------------------------------------------------- pure helpers
+
+
+def test_site_hook_names_follow_the_lens_layer_convention():
+    assert P.site_hook_names("resid", 3) == ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_post",
+                                             "blocks.1.hook_resid_post", "blocks.2.hook_resid_post"]
+    assert P.site_hook_names("attn", 2) == ["blocks.0.hook_attn_out", "blocks.1.hook_attn_out"]
+    assert P.site_hook_names("mlp", 1) == ["blocks.0.hook_mlp_out"]
+    assert P.site_hook_names("head", 2) == ["blocks.0.attn.hook_z", "blocks.1.attn.hook_z"]
+
+
+def test_cells_are_row_major():
+    cells = P.position_cells(["a", "b"], 3)
+    assert cells[4] == [("b", (1,))] and len(cells) == 6
+    heads = P.head_cells(["a", "b"], 2)
+    assert heads[3] == [("b", (slice(None), 1))]
+    assert P.head_cells(["a"], 2, position=4)[1] == [("a", (4, 1))]
+
+
+@pytest.mark.parametrize("n_layers, window", [(48, 10), (30, 6), (32, 7), (42, 9), (4, 1), (1, 1)])
+def test_trace_window_scales_with_depth(n_layers, window):
+    assert P.trace_window(n_layers) == window
+
+
+def test_windows_are_centred_and_clipped():
+    assert list(P.window_blocks(5, 4, 10)) == [3, 4, 5, 6]
+    assert list(P.window_blocks(0, 4, 10)) == [0, 1]
+    assert list(P.window_blocks(9, 4, 10)) == [7, 8, 9]
+    cells = P.window_cells(["m0", "m1", "m2"], 2, 3)
+    assert cells[2] == [("m0", (0,)), ("m1", (0,)), ("m2", (0,))]  # block 1, position 0
+
+
+@pytest.mark.parametrize("flags, expected", [([False, True, True], 1), ([True, False, True], 2),
+                                             ([True, True], 0), ([True, False], None), ([], None)])
+def test_first_layer_staying_true(flags, expected):
+    assert P.first_layer_staying_true(flags) == expected
+
+
+def test_normalize_and_pearson():
+    values = torch.tensor([-2.0, 1.0, 4.0])
+    assert torch.allclose(P.normalize(values, clean=4.0, corrupt=-2.0), torch.tensor([0.0, 0.5, 1.0]))
+    assert P.pearson(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.0, 4.0, 6.5])) == pytest.approx(0.9986, abs=1e-3)
+    assert P.pearson(torch.tensor([1.0, 1.0, 1.0]), torch.tensor([1.0, 2.0, 3.0])) is None
+
+
+def test_noise_is_seeded():
+    a, b = P.gaussian_noise(2, 3, 4, 0.5, seed=1), P.gaussian_noise(2, 3, 4, 0.5, seed=1)
+    assert torch.equal(a, b) and a.shape == (2, 3, 4)
+    assert not torch.equal(a, P.gaussian_noise(2, 3, 4, 0.5, seed=2))
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ("[{", "not valid JSON"), ("[]", "non-empty JSON list"),
+    (json.dumps([{"clean": "a", "corrupt": "b", "clean_answer": "x"}]), "entry 0 must be an object"),
+    (json.dumps([{"clean": "a", "corrupt": " ", "clean_answer": "x", "corrupt_answer": "y"}]), "non-empty text"),
+])
+def test_bad_pairs_files(tmp_path, content, fragment):
+    path = tmp_path / "pairs.json"
+    path.write_text(content)
+    with pytest.raises(LabError, match=fragment):
+        P.load_pairs(path)
+
+
+# ----------------------------------------------------------------------------- tiny models
+
+
+def _answers(model, clean_ids, corrupt_ids):
+    """Two answer tokens for a random model: its top-1 after the clean and after the corrupt prompt."""
+    clean_logits, _ = P.cache_activations(model, clean_ids, [])
+    corrupt_logits, _ = P.cache_activations(model, corrupt_ids, [])
+    first = int(clean_logits.argmax())
+    second = int(corrupt_logits.argmax())
+    if second == first:
+        second = int(clean_logits.topk(2).indices[1])
+    return first, second
+
+
+class Setup:
+    """A pair on one model: tokens, answers, the clean and corrupt activations of every site, all grids."""
+
+    def __init__(self, model):
+        self.model = model
+        self.clean_ids, self.corrupt_ids = encode(model, CLEAN), encode(model, CORRUPT)
+        self.seq, n = self.clean_ids.shape[1], model.n_layers
+        self.readout = P.answer_readout(*_answers(model, self.clean_ids, self.corrupt_ids))
+        self.names = [name for site in P.SITES for name in P.site_hook_names(site, n)]
+        clean_logits, self.clean_acts = P.cache_activations(model, self.clean_ids, self.names)
+        corrupt_logits, self.corrupt_acts = P.cache_activations(model, self.corrupt_ids, self.names)
+        self.ld_clean = float(self.readout(clean_logits[None])["logit_diff"][0])
+        self.ld_corrupt = float(self.readout(corrupt_logits[None])["logit_diff"][0])
+        z = P.site_hook_names("head", n)
+        self.grids = {"resid": P.position_cells(P.site_hook_names("resid", n), self.seq),
+                      "attn": P.position_cells(P.site_hook_names("attn", n), self.seq),
+                      "mlp": P.position_cells(P.site_hook_names("mlp", n), self.seq),
+                      "head_all": P.head_cells(z, model.n_heads),
+                      "head_final": P.head_cells(z, model.n_heads, position=self.seq - 1)}
+        self.all_cells = [cell for cells in self.grids.values() for cell in cells]
+
+    def patch(self, ids, cells, source, batch_size=32, **kwargs):
+        return P.patch_batched(self.model, ids, cells, source, self.readout, batch_size, **kwargs)
+
+
+_setups = {}
+
+
+@pytest.fixture
+def setup(tiny):
+    key = id(tiny)
+    if key not in _setups:
+        _setups[key] = Setup(tiny)
+    return _setups[key]
+
+
+def test_identities(setup):
+    """Clean into clean gives the clean run everywhere, corrupt into corrupt the corrupt run, and the whole
+    residual stream (at the last layer or at the embeddings) turns the corrupt run into the clean one."""
+    s = setup
+    assert abs(s.ld_clean - s.ld_corrupt) > 1e-3  # the pair is one the tiny model tells apart
+    clean = s.patch(s.clean_ids, s.all_cells, s.clean_acts)["logit_diff"]
+    corrupt = s.patch(s.corrupt_ids, s.all_cells, s.corrupt_acts)["logit_diff"]
+    assert (clean - s.ld_clean).abs().max() < 1e-4
+    assert (corrupt - s.ld_corrupt).abs().max() < 1e-4
+    resid = P.site_hook_names("resid", s.model.n_layers)
+    whole = [[(resid[-1], (slice(None),))], [(resid[0], (slice(None),))]]
+    out = s.patch(s.corrupt_ids, whole, s.clean_acts)["logit_diff"]
+    assert (out - s.ld_clean).abs().max() < 1e-4
+    normalized = P.normalize(out, s.ld_clean, s.ld_corrupt)
+    assert torch.allclose(normalized, torch.ones(2), atol=1e-3)
+
+
+def _patch_one_reference(model, ids, cell, source, readout):
+    """Independent reference: one forward of batch 1 with a plain overwrite hook per patch."""
+    def make(name, index):
+        def hook(act, hook):
+            act = act.clone()
+            act[(0,) + index] = source[name][index]
+            return act
+        return hook
+    with torch.no_grad():
+        logits = model.bridge.run_with_hooks(ids, fwd_hooks=[(name, make(name, index)) for name, index in cell])
+    return readout(logits[:, -1])["logit_diff"][0]
+
+
+def test_batched_equals_one_at_a_time(setup):
+    s = setup
+    batched = s.patch(s.corrupt_ids, s.all_cells, s.clean_acts, batch_size=13)["logit_diff"]  # 13: ragged chunks
+    picks = list(range(0, len(s.all_cells), 9)) + [len(s.all_cells) - 1]  # every grid, first and last chunk
+    alone = torch.stack([_patch_one_reference(s.model, s.corrupt_ids, s.all_cells[i], s.clean_acts, s.readout)
+                         for i in picks])
+    assert (batched[picks] - alone).abs().max() < 1e-5
+    assert (alone - s.ld_corrupt).abs().max() > 1e-3  # the patches do change the answer
+
+
+def test_skipped_cells_are_exactly_the_unchanged_ones(setup):
+    """Positions before the first differing token are the same in both runs: not run, and the same value."""
+    s = setup
+    cells = s.grids["resid"] + s.grids["mlp"] + s.grids["head_final"]
+    full = s.patch(s.corrupt_ids, cells, s.clean_acts)
+    skipping = s.patch(s.corrupt_ids, cells, s.clean_acts, base=s.corrupt_acts)
+    assert full["ran"].all() and not skipping["ran"].all()
+    first_diff = P.differing_positions(s.clean_ids, s.corrupt_ids)[0]
+    for cell, ran in zip(cells, skipping["ran"].tolist()):
+        (name, index), = cell
+        assert ran != torch.equal(s.clean_acts[name][index], s.corrupt_acts[name][index]), cell
+        if index[0] < first_diff:
+            assert not ran, cell  # before the first difference: the same in both runs (causal model)
+    assert (full["logit_diff"] - skipping["logit_diff"]).abs().max() < 1e-5
+
+
+@pytest.fixture(params=ARCHITECTURES)
+def tiny64(request, tiny_folders):
+    """The tiny models in float64, so finite differences are precise."""
+    from common.models import load_model
+    return load_model(str(tiny_folders[request.param]), "cpu", "float64")
+
+
+def test_attribution_matches_finite_differences(tiny64):
+    """Attribution patching is the derivative of the metric along (clean - corrupt) at the corrupt run."""
+    s = Setup(tiny64)
+    clean_id, corrupt_id = _answers(tiny64, s.clean_ids, s.corrupt_ids)
+    products, ld = P.attribution_products(tiny64, s.corrupt_ids, s.names, s.clean_acts,
+                                          lambda logits: logits[clean_id] - logits[corrupt_id])
+    assert ld == pytest.approx(s.ld_corrupt, abs=1e-9)
+    cells = [cell for cells in s.grids.values() for cell in cells[-6:]]  # the last rows of every grid
+    estimate = P.attribution_for_cells(products, cells)
+    eps = 3e-3  # HF's eager attention takes its softmax in float32, so a smaller step only adds rounding
+    shifted = {sign: {name: s.corrupt_acts[name] + sign * eps * (s.clean_acts[name] - s.corrupt_acts[name])
+                      for name in s.names} for sign in (1, -1)}
+    plus = s.patch(s.corrupt_ids, cells, shifted[1])["logit_diff"].double()
+    minus = s.patch(s.corrupt_ids, cells, shifted[-1])["logit_diff"].double()
+    finite = (plus - minus) / (2 * eps)
+    assert estimate.abs().max() > 1e-3  # some cells matter, so the comparison means something
+    worst = float((estimate - finite).abs().max() / finite.abs().max())
+    assert worst < 1e-3, worst
+
+
+def test_causal_trace(setup):
+    s = setup
+    subject = P.differing_positions(s.clean_ids, s.corrupt_ids)
+    n = s.model.n_layers
+    cells = P.position_cells(P.site_hook_names("resid", n), s.seq) + \
+        P.window_cells(P.site_hook_names("mlp", n), s.seq, 2)
+    restore_all = [[(P.resid_hook_name(0), (slice(None),))]]
+    p_clean = float(s.readout(P.cache_activations(s.model, s.clean_ids, [])[0][None])["p_clean"][0])
+    same = dict(rel=1e-4)  # p(answer) of a random model is ~1/vocab, so compare relatively
+    silent = P.causal_trace(s.model, s.clean_ids, s.clean_acts, cells, s.readout,
+                            torch.zeros(1, len(subject), s.model.d_model), subject, batch_size=16)
+    assert silent["p_noised"] == pytest.approx(p_clean, **same)  # zero noise changes nothing
+    assert silent["restored"].tolist() == pytest.approx([p_clean] * len(cells), **same)
+    scale = 3 * P.embedding_std(s.model, [s.clean_ids, s.corrupt_ids])  # ROME's level
+    noise = P.gaussian_noise(2, len(subject), s.model.d_model, scale, seed=0)
+    traced = P.causal_trace(s.model, s.clean_ids, s.clean_acts, cells + restore_all, s.readout, noise, subject, 16)
+    assert traced["p_noised"] != pytest.approx(p_clean, rel=1e-3)  # the noise moves the answer
+    assert float(traced["restored"][-1]) == pytest.approx(p_clean, **same)  # restoring everything undoes it
+    # Restoring the subject's own embedding (layer 0) undoes all the noise, since it is the only noised state.
+    assert len(subject) == 1 and float(traced["restored"][subject[0]]) == pytest.approx(p_clean, **same)
+    again = P.causal_trace(s.model, s.clean_ids, s.clean_acts, cells + restore_all, s.readout, noise, subject, 5)
+    assert again["restored"].tolist() == pytest.approx(traced["restored"].tolist(), **same)  # other batching
+
+
+def test_pairs_that_cannot_be_patched_are_refused(tiny):
+    with pytest.raises(LabError, match=r"same number of tokens.*'The', ' capital'"):
+        P.encode_pair(tiny, {"clean": CLEAN, "corrupt": "The capital city of Italy is", "clean_answer": "Paris",
+                             "corrupt_answer": "Rome"}, "Pair 0")
+    with pytest.raises(LabError, match="both answers start with"):
+        P.encode_pair(tiny, {"clean": CLEAN, "corrupt": CORRUPT, "clean_answer": "Paris",
+                             "corrupt_answer": "Paris"}, "Pair 0")
+    with pytest.raises(LabError, match="same tokens"):
+        P.encode_pair(tiny, {"clean": CLEAN, "corrupt": CLEAN, "clean_answer": "Paris",
+                             "corrupt_answer": "Rome"}, "Pair 0")
+
+
+def test_built_in_pairs_can_be_patched_on_the_embedded_model(embedded):
+    from pathlib import Path
+    pairs = P.load_pairs(Path(__file__).resolve().parent.parent / "004_activation_patching" / "pairs.json")
+    for i, pair in enumerate(pairs):
+        enc = P.encode_pair(embedded, pair, f"Pair {i}")  # equal token counts, different answer tokens
+        assert P.differing_positions(enc["clean_ids"], enc["corrupt_ids"])
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def _run_folders(out_dir):
+    return [p for p in out_dir.glob("*/*") if p.is_dir()]
+
+
+def _check_contract(results: dict, sites: list[str], n_layers: int, n_heads: int):
+    assert results["experiment"] == "004_activation_patching"
+    assert results["sites"] == sites and results["n_layers"] == n_layers and results["n_heads"] == n_heads
+    for record in results["pairs"]:
+        seq = len(record["clean_tokens"])
+        assert len(record["corrupt_tokens"]) == seq
+        for method in ("exact", "attribution"):
+            assert set(record[method]) == set(results["grids"])
+            for grid, matrix in record[method].items():
+                rows = n_layers + 1 if grid == "resid" else n_layers
+                cols = n_heads if grid.startswith("head") else seq
+                assert len(matrix) == rows and all(len(row) == cols for row in matrix), grid
+        assert all(check["passed"] for check in record["self_checks"]), record["self_checks"]
+        link = record["link_to_001"]
+        assert len(link["final_position_clean_is_top1"]) == len(link["lens_target_rank"]) == n_layers + 1
+
+
+@pytest.fixture(scope="module")
+def embedded_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs004")
+    pairs = out / "pairs.json"
+    pairs.write_text(json.dumps([{"clean": CLEAN, "corrupt": CORRUPT, "clean_answer": "Paris",
+                                  "corrupt_answer": "Rome"}]))
+    # The other sites and causal tracing run end to end on the tiny Gemma-2 below (and tracing on this model
+    # in-process), which keeps this file fast.
+    result = run_script(SCRIPT, f"--OUT_DIR={out}", f"--PAIRS_FILE={pairs}", "--SITES=resid",
+                        "--NOISE_TRACING=False", "--BATCH_SIZE=64")
+    return out, result
+
+
+def test_embedded_run_writes_the_contract_files(embedded_run):
+    out, result = embedded_run
+    assert result.returncode == 0, result.stderr
+    [folder] = _run_folders(out)
+    names = {p.name for p in folder.iterdir()}
+    assert {"results.json", "config.json", "report.md", "pair0_resid_exact.png", "pair0_resid_attribution.png",
+            "pair0_exact_vs_attribution.png"} <= names
+    results = json.loads((folder / "results.json").read_text())
+    _check_contract(results, ["resid"], 30, 9)
+    report = (folder / "report.md").read_text()
+    assert "PASS: batched == one forward per cell" in report and "FAIL" not in report
+    assert "001 resolution layer" in report and "![resid exact](pair0_resid_exact.png)" in report
+
+
+def test_embedded_run_science(embedded_run):
+    """France -> Italy differs in one token (position 3): patching that embedding alone restores the clean
+    run; earlier positions are untouched; the final position switches the answer somewhere in the network."""
+    out, _ = embedded_run
+    [folder] = _run_folders(out)
+    [record] = json.loads((folder / "results.json").read_text())["pairs"]
+    assert record["differing_positions"] == [3]
+    resid = record["exact"]["resid"]
+    assert resid[0][3] == pytest.approx(1.0, abs=1e-4)
+    assert resid[-1][-1] == pytest.approx(1.0, abs=1e-4)
+    assert max(abs(row[p]) for row in resid for p in range(3)) < 1e-5  # the same in both runs: the corrupt run
+    link = record["link_to_001"]
+    assert link["switch_layer"] is not None and 0 < link["switch_layer"] <= 30
+    assert link["resolution_layer"] is not None
+
+
+def test_causal_trace_on_the_embedded_model(embedded):
+    """ROME's noise on " France" destroys the answer " Paris"; restoring that clean embedding brings it back."""
+    clean_ids, corrupt_ids = encode(embedded, CLEAN), encode(embedded, CORRUPT)
+    subject = P.differing_positions(clean_ids, corrupt_ids)
+    names = P.site_hook_names("resid", embedded.n_layers)
+    clean_logits, clean_acts = P.cache_activations(embedded, clean_ids, names)
+    clean_id = int(clean_logits.argmax())
+    readout = P.answer_readout(clean_id, int(P.cache_activations(embedded, corrupt_ids, [])[0].argmax()))
+    p_clean = float(torch.softmax(clean_logits.float(), -1)[clean_id])
+    scale = 3 * P.embedding_std(embedded, [clean_ids, corrupt_ids])
+    cells = P.position_cells(names, clean_ids.shape[1])
+    trace = P.causal_trace(embedded, clean_ids, clean_acts, cells, readout,
+                           P.gaussian_noise(1, len(subject), embedded.d_model, scale, seed=0), subject, 64)
+    assert embedded.tokenizer.decode([clean_id]) == " Paris" and subject == [3]
+    assert trace["p_noised"] < 0.5 * p_clean
+    assert float(trace["restored"][3]) == pytest.approx(p_clean, abs=1e-4)  # layer 0, position 3
+    assert float(trace["restored"][-1]) == pytest.approx(p_clean, abs=1e-4)  # the last layer's final position
+
+
+def test_tiny_gemma2_run_with_every_site(tmp_path, tiny_folders):
+    """Every site and method end to end on the soft-capped architecture."""
+    out = tmp_path / "out"
+    result = run_script(SCRIPT, f"--MODEL={tiny_folders['gemma2']}", f"--OUT_DIR={out}", "--NOISE_SAMPLES=2",
+                        f"--PAIRS_FILE={_pairs_file(tmp_path)}")
+    assert result.returncode == 0, result.stderr
+    [folder] = _run_folders(out)
+    results = json.loads((folder / "results.json").read_text())
+    _check_contract(results, ["resid", "attn", "mlp", "head"], 4, 4)
+    assert {f"pair0_{g}_{m}.png" for g in GRIDS for m in ("exact", "attribution")} <= {p.name for p in folder.iterdir()}
+
+
+def _pairs_file(tmp_path, **changes):
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps([{"clean": CLEAN, "corrupt": CORRUPT, "clean_answer": "Paris",
+                                 "corrupt_answer": "Rome"} | changes]))
+    return path
+
+
+@pytest.mark.parametrize("make_args, fragment", [
+    (lambda tmp: [f"--PAIRS_FILE={_pairs_file(tmp, corrupt='The capital city of Italy is')}"],
+     "same number of tokens, but clean has 5 ['The', ' capital', ' of', ' France', ' is'] and corrupt has 6"),
+    (lambda tmp: ["--SITES=['resid', 'neurons']"], "SITES must list some of"),
+    (lambda tmp: ["--METHOD=guess"], "METHOD must be one of"),
+    (lambda tmp: [f"--PAIRS_FILE={_pairs_file(tmp, clean_answer='')}"], "non-empty text fields"),
+])
+def test_bad_input_fails_with_one_line_and_no_results(tmp_path, make_args, fragment):
+    out = tmp_path / "out"
+    result = run_script(SCRIPT, f"--OUT_DIR={out}", *make_args(tmp_path))
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines and fragment in lines[-1], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists() or not list(out.rglob("results.json"))
