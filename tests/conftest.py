@@ -54,3 +54,17 @@ def run_script(script: str, *args: str, timeout: int = 600) -> subprocess.Comple
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     return subprocess.run([sys.executable, str(REPO / script), *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=REPO)
+
+
+def run_folders(out_dir) -> list:
+    """The run folders an experiment wrote under OUT_DIR (<OUT_DIR>/<model>/<time>/)."""
+    return [p for p in out_dir.glob("*/*") if p.is_dir()]
+
+
+def assert_fails_cleanly(result: subprocess.CompletedProcess, out_dir, fragment: str):
+    """A bad input: exit code != 0, the last line names the problem, no traceback, no results written."""
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines and fragment in lines[-1], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out_dir.exists() or not list(out_dir.rglob("results.json"))

@@ -4,13 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_script
+from conftest import assert_fails_cleanly, run_folders, run_script
 
 SCRIPT = "001_layers_and_logits/run.py"
-
-
-def _run_folders(out_dir):
-    return [p for p in out_dir.glob("*/*") if p.is_dir()]
 
 
 def _check_contract(results: dict, lens: str):
@@ -46,7 +42,7 @@ def test_norm_and_raw_runs_write_the_contract_files(norm_and_raw_runs):
     out, norm, raw = norm_and_raw_runs
     assert norm.returncode == 0, norm.stderr
     assert raw.returncode == 0, raw.stderr
-    folders = sorted(_run_folders(out))
+    folders = sorted(run_folders(out))
     assert len(folders) == 2  # two runs, two folders, nothing overwritten
     by_lens = {}
     for folder in folders:
@@ -74,7 +70,7 @@ def _main_prompts(results):
 
 def test_all_formats_paraphrases_and_probes_are_recorded(norm_and_raw_runs):
     out, _, _ = norm_and_raw_runs
-    runs = [json.loads((f / "results.json").read_text()) for f in _run_folders(out)]
+    runs = [json.loads((f / "results.json").read_text()) for f in run_folders(out)]
     norm = next(r for r in runs if r["lens"] == "norm")
     facts = json.loads((Path(__file__).parent.parent / "001_layers_and_logits" / "prompts.json").read_text())
     by_kind = {}
@@ -107,7 +103,7 @@ def test_norm_lens_resolves_late_and_raw_differs(norm_and_raw_runs):
     """The science of the issue: under NORM the answer is top-1 only in the late layers; RAW looks different."""
     out, _, _ = norm_and_raw_runs
     runs = {json.loads((f / "results.json").read_text())["lens"]: json.loads((f / "results.json").read_text())
-            for f in _run_folders(out)}
+            for f in run_folders(out)}
     for norm_prompt, raw_prompt in zip(_main_prompts(runs["norm"]), _main_prompts(runs["raw"])):
         assert norm_prompt["prompt"] == raw_prompt["prompt"]
         ranks = [layer["target_rank"] for layer in norm_prompt["layers"]]
@@ -123,7 +119,7 @@ def test_prompts_file_is_used_verbatim(tmp_path):
     prompts.write_text(json.dumps([{"prompt": "The capital of Germany is", "target": "Berlin"}]))
     result = run_script(SCRIPT, f"--OUT_DIR={tmp_path / 'out'}", f"--PROMPTS_FILE={prompts}", "--MODEL=smollm2-135m")
     assert result.returncode == 0, result.stderr
-    [folder] = _run_folders(tmp_path / "out")
+    [folder] = run_folders(tmp_path / "out")
     [record] = json.loads((folder / "results.json").read_text())["prompts"]
     assert record["prompt"] == "The capital of Germany is" and record["target_token"] == " Berlin"
     assert record["tokens"] == ["The", " capital", " of", " Germany", " is"]
@@ -146,11 +142,7 @@ def test_prompts_file_is_used_verbatim(tmp_path):
 def test_bad_input_fails_with_one_line_and_no_results(tmp_path, make_args, fragment):
     out = tmp_path / "out"
     result = run_script(SCRIPT, f"--OUT_DIR={out}", *make_args(tmp_path))
-    assert result.returncode != 0
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines and fragment in lines[-1], result.stderr
-    assert "Traceback" not in result.stderr
-    assert not out.exists() or not list(out.rglob("results.json"))
+    assert_fails_cleanly(result, out, fragment)
 
 
 def _write(path, text):

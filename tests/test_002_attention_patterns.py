@@ -8,7 +8,7 @@ import torch
 
 from common import attention as att
 from common.errors import LabError
-from conftest import ARCHITECTURES, REPO, run_script
+from conftest import ARCHITECTURES, REPO, assert_fails_cleanly, run_folders, run_script
 
 SCRIPT = "002_attention_patterns/run.py"
 LONG_PROMPT = ("The capital of France is Paris, and the capital of Germany is Berlin. " * 5).strip()  # > 64 tokens
@@ -221,10 +221,6 @@ def test_bridge_patterns_equal_hf_eager_attention_with_gqa(arch, tiny_folders, m
 # ----------------------------------------------------------------------------- end to end
 
 
-def _run_folders(out_dir):
-    return [p for p in out_dir.glob("*/*") if p.is_dir()]
-
-
 def _check_results(results, n_layers=30, layers=tuple(range(11, 25))):
     assert results["experiment"] == "002_attention_patterns"
     assert results["n_layers"] == n_layers and results["layers"] == list(layers)
@@ -255,7 +251,7 @@ def default_run(tmp_path_factory):
 def test_default_run_writes_the_contract_files(default_run):
     out, result = default_run
     assert result.returncode == 0, result.stderr
-    [folder] = _run_folders(out)
+    [folder] = run_folders(out)
     names = {p.name for p in folder.iterdir()}
     assert {"results.json", "config.json", "report.md", "entity_mass_heatmap.png", "sink_mass_heatmap.png",
             "subject_mass_heatmap.png", "mass_by_type_per_layer.png", "top_heads_prompt0.png"} <= names
@@ -283,7 +279,7 @@ def test_hand_labelled_prompts_and_include_bos(tmp_path):
     result = run_script(SCRIPT, f"--OUT_DIR={tmp_path / 'out'}", f"--PROMPTS_FILE={prompts}", "--INCLUDE_BOS=True",
                         "--DEPTH_RANGE=[0.7,0.8]", "--TOP_HEADS=2")
     assert result.returncode == 0, result.stderr
-    [folder] = _run_folders(tmp_path / "out")
+    [folder] = run_folders(tmp_path / "out")
     results = json.loads((folder / "results.json").read_text())
     _check_results(results, layers=range(20, 24))
     gold, romeo = results["prompts"]
@@ -300,7 +296,7 @@ def test_tiny_gemma2_end_to_end_reports_its_local_layers(tmp_path, tiny_folders)
     result = run_script(SCRIPT, f"--MODEL={tiny_folders['gemma2']}", f"--OUT_DIR={tmp_path / 'out'}",
                         f"--PROMPTS_FILE={prompts}", "--DEPTH_RANGE=[0.0,1.0]", "--TOP_HEADS=1")
     assert result.returncode == 0, result.stderr
-    [folder] = _run_folders(tmp_path / "out")
+    [folder] = run_folders(tmp_path / "out")
     results = json.loads((folder / "results.json").read_text())
     _check_results(results, n_layers=4, layers=range(4))
     assert results["local_layers"] == {"0": 64, "2": 64}
@@ -328,8 +324,5 @@ def test_bad_input_fails_with_one_line_and_no_results(tmp_path, args, fragment):
         args = [f"--PROMPTS_FILE={path}"]
     out = tmp_path / "out"
     result = run_script(SCRIPT, f"--OUT_DIR={out}", *args)
-    assert result.returncode != 0
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines and fragment in lines[-1], result.stderr
-    assert "Traceback" not in result.stderr and "Loading" not in result.stderr  # stopped before the model
-    assert not out.exists() or not list(out.rglob("results.json"))
+    assert_fails_cleanly(result, out, fragment)
+    assert "Loading" not in result.stderr  # stopped before the model

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import ARCHITECTURES, run_script
+from conftest import ARCHITECTURES, assert_fails_cleanly, run_folders, run_script
 
 SCRIPT = "003_circuit_analysis/run.py"
 PROMPT = "The capital of France is"
@@ -252,10 +252,6 @@ def test_direct_effect_of_zero_ablation_is_the_attribution(pair):
 # ----------------------------------------------------------------------------- end to end
 
 
-def _run_folders(out_dir):
-    return [p for p in out_dir.glob("*/*") if p.is_dir()]
-
-
 def _check_contract(results: dict, n_layers: int, n_heads: int):
     assert results["experiment"] == "003_circuit_analysis"
     assert results["n_layers"] == n_layers and results["n_heads"] == n_heads
@@ -287,7 +283,7 @@ def embedded_run(tmp_path_factory):
 def test_embedded_run_writes_the_contract_files(embedded_run):
     out, result = embedded_run
     assert result.returncode == 0, result.stderr
-    [folder] = _run_folders(out)
+    [folder] = run_folders(out)
     assert {"results.json", "config.json", "report.md", "dla_heads_mean.png", "attn_vs_mlp_per_layer.png",
             "direct_vs_total.png", "dla_heads_prompt0.png"} <= {p.name for p in folder.iterdir()}
     results = json.loads((folder / "results.json").read_text())
@@ -311,7 +307,7 @@ def test_embedded_answer_is_written_late_and_its_writers_matter(embedded_run):
     """The science: the last third of SmolLM2's layers writes most of the answer's logit difference, and
     ablating the heads that write it positively lowers it."""
     out, _ = embedded_run
-    [folder] = _run_folders(out)
+    [folder] = run_folders(out)
     for record in json.loads((folder / "results.json").read_text())["prompts"]:
         attribution = record["attribution"]
         late = sum(attribution["attn_per_layer"][20:]) + sum(attribution["mlps"][20:])
@@ -328,7 +324,7 @@ def test_tiny_gemma2_run_with_mean_ablation_of_every_component(tiny_folders, tmp
     result = run_script(SCRIPT, f"--MODEL={tiny_folders['gemma2']}", f"--OUT_DIR={tmp_path / 'out'}",
                         f"--PROMPTS_FILE={prompts}", "--ABLATION=mean", "--TOP_K=2")
     assert result.returncode == 0, result.stderr
-    [folder] = _run_folders(tmp_path / "out")
+    [folder] = run_folders(tmp_path / "out")
     results = json.loads((folder / "results.json").read_text())
     _check_contract(results, 4, 4)
     assert results["softcap"] == 30.0 and results["post_attention_norm"] and results["final_norm_weight"] == "1 + w"
@@ -358,8 +354,4 @@ def test_bad_input_fails_with_one_line_and_no_results(tmp_path, tiny_folders, ma
     out = tmp_path / "out"
     # A tiny model (same tokenizer as the embedded one) keeps the checks that need a model fast.
     result = run_script(SCRIPT, f"--OUT_DIR={out}", f"--MODEL={tiny_folders['llama']}", *make_args(tmp_path))
-    assert result.returncode != 0
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines and fragment in lines[-1], result.stderr
-    assert "Traceback" not in result.stderr
-    assert not out.exists() or not list(out.rglob("results.json"))
+    assert_fails_cleanly(result, out, fragment)

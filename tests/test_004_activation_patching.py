@@ -9,7 +9,7 @@ import torch
 from common import patching as P
 from common.errors import LabError
 from common.prompts import encode
-from conftest import ARCHITECTURES, run_script
+from conftest import ARCHITECTURES, assert_fails_cleanly, run_folders, run_script
 
 SCRIPT = "004_activation_patching/run.py"
 CLEAN, CORRUPT = "The capital of France is", "The capital of Italy is"
@@ -259,10 +259,6 @@ def test_built_in_pairs_can_be_patched_on_the_embedded_model(embedded):
 # ----------------------------------------------------------------------------- end to end
 
 
-def _run_folders(out_dir):
-    return [p for p in out_dir.glob("*/*") if p.is_dir()]
-
-
 def _check_contract(results: dict, sites: list[str], n_layers: int, n_heads: int):
     assert results["experiment"] == "004_activation_patching"
     assert results["sites"] == sites and results["n_layers"] == n_layers and results["n_heads"] == n_heads
@@ -296,7 +292,7 @@ def embedded_run(tmp_path_factory):
 def test_embedded_run_writes_the_contract_files(embedded_run):
     out, result = embedded_run
     assert result.returncode == 0, result.stderr
-    [folder] = _run_folders(out)
+    [folder] = run_folders(out)
     names = {p.name for p in folder.iterdir()}
     assert {"results.json", "config.json", "report.md", "pair0_resid_exact.png", "pair0_resid_attribution.png",
             "pair0_exact_vs_attribution.png"} <= names
@@ -311,7 +307,7 @@ def test_embedded_run_science(embedded_run):
     """France -> Italy differs in one token (position 3): patching that embedding alone restores the clean
     run; earlier positions are untouched; the final position switches the answer somewhere in the network."""
     out, _ = embedded_run
-    [folder] = _run_folders(out)
+    [folder] = run_folders(out)
     [record] = json.loads((folder / "results.json").read_text())["pairs"]
     assert record["differing_positions"] == [3]
     resid = record["exact"]["resid"]
@@ -348,7 +344,7 @@ def test_tiny_gemma2_run_with_every_site(tmp_path, tiny_folders):
     result = run_script(SCRIPT, f"--MODEL={tiny_folders['gemma2']}", f"--OUT_DIR={out}", "--NOISE_SAMPLES=2",
                         f"--PAIRS_FILE={_pairs_file(tmp_path)}")
     assert result.returncode == 0, result.stderr
-    [folder] = _run_folders(out)
+    [folder] = run_folders(out)
     results = json.loads((folder / "results.json").read_text())
     _check_contract(results, ["resid", "attn", "mlp", "head"], 4, 4)
     assert {f"pair0_{g}_{m}.png" for g in GRIDS for m in ("exact", "attribution")} <= {p.name for p in folder.iterdir()}
@@ -371,8 +367,4 @@ def _pairs_file(tmp_path, **changes):
 def test_bad_input_fails_with_one_line_and_no_results(tmp_path, make_args, fragment):
     out = tmp_path / "out"
     result = run_script(SCRIPT, f"--OUT_DIR={out}", *make_args(tmp_path))
-    assert result.returncode != 0
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines and fragment in lines[-1], result.stderr
-    assert "Traceback" not in result.stderr
-    assert not out.exists() or not list(out.rglob("results.json"))
+    assert_fails_cleanly(result, out, fragment)
