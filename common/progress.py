@@ -1,0 +1,42 @@
+"""Progress bars for every wait longer than a few seconds: a count, a rate and an ETA, on stderr.
+
+One wrapper around tqdm so every loop in the lab looks the same. In a terminal the bar redraws in place;
+when stderr is not a terminal (pytest, CI, a log file) it prints at most a few lines per loop, so logs
+stay readable.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Iterable, TypeVar
+
+from tqdm.auto import tqdm
+
+T = TypeVar("T")
+LOG_LINES = 4  # at most this many lines per loop when stderr is not a terminal
+
+
+def _is_terminal() -> bool:
+    return hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+
+
+def progress(items: Iterable[T], description: str, total: int | None = None, unit: str = "it") -> Iterable[T]:
+    """Iterate over `items` with a progress bar labelled `description` (count, rate, ETA)."""
+    return bar(description, total=total if total is not None else _length(items), unit=unit, iterable=items)
+
+
+def bar(description: str, total: int | None, unit: str = "it", iterable=None) -> tqdm:
+    """A tqdm bar to update by hand (`.update(n)`), for work that is not one loop; use it as a context manager."""
+    if _is_terminal():
+        return tqdm(iterable, desc=description, total=total, unit=unit, file=sys.stderr, dynamic_ncols=True,
+                    leave=False)
+    # Not a terminal: no carriage-return redraws; print roughly every 1/LOG_LINES of the way.
+    every = max(1, (total or 0) // LOG_LINES) if total else 1
+    return tqdm(iterable, desc=description, total=total, unit=unit, file=sys.stderr, ncols=80,
+                miniters=every, mininterval=30.0 if not total else 0.0, maxinterval=float("inf"), ascii=True)
+
+
+def _length(items) -> int | None:
+    try:
+        return len(items)
+    except TypeError:
+        return None
