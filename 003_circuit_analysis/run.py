@@ -32,6 +32,7 @@ DTYPE = "auto"  # "auto" (float16 on GPU, bfloat16 for Gemma, float32 on cpu), "
 OUT_DIR = str(Path(__file__).resolve().parent / "results")  # run folders go to OUT_DIR/<model>/<time>/
 SEED = 0  # random seed (the analysis itself is deterministic)
 
+from common.checks import check, tolerance  # noqa: E402
 from common.config import parse_toggles  # noqa: E402
 from common.errors import LabError  # noqa: E402
 
@@ -164,10 +165,9 @@ def analyse_prompt(model, cfg, prompt, ids, target, counter) -> dict:
     direct_heads, direct_mlps = A.direct_effects_of_ablation(model, cache, decomposition, z_values, mlp_values,
                                                              target.token_id, counter_id)
     # Batched and single forward passes may differ in the last float32 bits: tolerance relative to the logits.
-    tolerance = A.tolerance(model, pre_softcap, 1e-5 * max(1.0, pre_softcap.abs().max().item()))
-    checks.append({"name": "ablating nothing leaves the metric as it was", "tolerance": tolerance,
-                   "max_abs_diff": abs(float(ablated_metric[0]) - metric),
-                   "passed": abs(float(ablated_metric[0]) - metric) <= tolerance})
+    allowed = tolerance(model.dtype, pre_softcap, 1e-5 * max(1.0, pre_softcap.abs().max().item()))
+    checks.append(check("ablating nothing leaves the metric as it was", abs(float(ablated_metric[0]) - metric),
+                        allowed))
 
     ablations = []
     for (kind, heads, mlps), value, prob in zip(sets[1:], ablated_metric[1:].tolist(), ablated_prob[1:].tolist()):

@@ -38,6 +38,7 @@ DTYPE = "auto"  # "auto" (float16 on GPU, bfloat16 for Gemma, float32 on cpu), "
 OUT_DIR = str(Path(__file__).resolve().parent / "results")  # run folders go to OUT_DIR/<model>/<time>/
 SEED = 0  # seeds the causal-tracing noise and the cells re-run one at a time as a check
 
+from common.checks import check  # noqa: E402
 from common.config import parse_toggles  # noqa: E402
 from common.errors import LabError  # noqa: E402
 
@@ -244,11 +245,6 @@ def attribution_patching(model, corrupt_ids, layouts, names, clean_acts, answer_
         grids[g] = estimate.reshape(layout["shape"]).tolist()
     return grids, check("attribution's corrupt forward == the corrupt run (logit difference)",
                         abs(ld_grad_run - ld_corrupt), tol_logit)
-
-
-def check(name: str, diff: float, tolerance: float) -> dict:
-    """A self-check in the shape common.report.check_lines prints."""
-    return {"name": name, "max_abs_diff": float(diff), "tolerance": float(tolerance), "passed": diff <= tolerance}
 
 
 def identity_checks(model, cfg, clean_ids, corrupt_ids, clean_acts, corrupt_acts, final_cells, resid_names,

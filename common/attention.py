@@ -27,6 +27,7 @@ import re
 
 import torch
 
+from .checks import check, tolerance
 from .errors import LabError
 
 TOKEN_TYPES = ("special", "entity", "relation", "function", "punctuation")
@@ -290,9 +291,9 @@ def pattern_checks(patterns: list[torch.Tensor], references: list[torch.Tensor],
     """The run's invariants, as common.report.check_lines reads them.
 
     patterns, references: per prompt [blocks, heads, seq, seq] (bridge, HF eager); masses: per prompt
-    [blocks, heads, len(BUCKETS)]. Tolerance 1e-5 in float32, 1e-2 in 16-bit (patterns are stored rounded).
+    [blocks, heads, len(BUCKETS)]. Tolerance 1e-5 in float32, common.checks' rule in half precision.
     """
-    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    allowed = tolerance(dtype, 1.0, 1e-5)  # patterns are probabilities: scale 1
 
     def worst(values):
         return max(values) if values else math.nan
@@ -304,8 +305,7 @@ def pattern_checks(patterns: list[torch.Tensor], references: list[torch.Tensor],
     rows = [("every attention row sums to 1", row_sum), ("no attention on later positions (causal)", future),
             ("masses by type sum to 1 per head", mass_sum),
             ("bridge hook_pattern == HF eager output_attentions", vs_hf)]
-    return [{"name": name, "max_abs_diff": diff, "tolerance": tolerance, "passed": diff <= tolerance}
-            for name, diff in rows]
+    return [check(name, diff, allowed) for name, diff in rows]
 
 
 # ----------------------------------------------------------------------------- ranking

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from .checks import check, tolerance
+
 
 @torch.no_grad()
 def residual_stream(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,14 +88,12 @@ def key_layers(n_layers: int) -> list[int]:
 def check_lens_matches_logits(model, resid_last: torch.Tensor, model_logits: torch.Tensor) -> dict:
     """The lens invariant: the NORM lens of the last layer must reproduce the model's own logits.
 
-    resid_last: [d_model]; model_logits: [vocab]. Tolerance: 1e-4 in float32, looser in half precision
-    (relative to the logits' scale, since float16 keeps ~3 significant digits).
+    resid_last: [d_model]; model_logits: [vocab]. Tolerance: 1e-4 in float32, common.checks' share of the
+    logits' scale in half precision.
     """
     lens = unembed(model, resid_last, use_norm=True)
     diff = (lens - model_logits.float()).abs().max().item()
-    tolerance = 1e-4 if model.dtype == torch.float32 else 1e-2 * max(1.0, model_logits.float().abs().max().item())
-    return {"name": "NORM lens at the last layer == model logits", "max_abs_diff": diff,
-            "tolerance": tolerance, "passed": diff <= tolerance}
+    return check("NORM lens at the last layer == model logits", diff, tolerance(model.dtype, model_logits, 1e-4))
 
 
 # ----------------------------------------------------------------------------- one prompt, every layer

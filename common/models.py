@@ -120,13 +120,19 @@ def resolve_model(spec: str | None) -> ModelSource:
 # ----------------------------------------------------------------------------- device and dtype
 
 
+def device_available(device: str) -> bool:
+    """Whether this machine has `device` ("cpu", "cuda" or "mps")."""
+    import torch
+    if device == "mps":
+        return torch.backends.mps.is_available()
+    return device == "cpu" or device == "cuda" and torch.cuda.is_available()
+
+
 def choose_device(preference: str = "auto") -> str:
     """'auto' -> mps, else cuda, else cpu; an explicit choice must be available."""
-    import torch
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if preference == "auto":
-        return "mps" if available["mps"] else "cuda" if available["cuda"] else "cpu"
-    if not available.get(preference, False):
+        return next(device for device in ("mps", "cuda", "cpu") if device_available(device))
+    if not device_available(preference):
         raise LabError(f"DEVICE='{preference}' is not available on this machine: use DEVICE='auto' or 'cpu'.")
     return preference
 
@@ -231,13 +237,9 @@ class LoadedModel:
 
     def free(self):
         """Release the weights (between models of a comparison)."""
-        import torch
         self._bridge = self.hf_model = None
         gc.collect()
-        if self.device == "mps":
-            torch.mps.empty_cache()
-        elif self.device == "cuda":
-            torch.cuda.empty_cache()
+        empty_device_cache(self.device)
 
 
 def _quiet_libraries():
@@ -360,16 +362,30 @@ def parameter_count(config) -> int:
 
 
 def available_memory_bytes(device: str) -> int:
+    """Bytes a model may still take on `device`: free RAM on the CPU; on a Mac also capped by Metal's
+    recommended working set for one process (MPS shares the RAM); free GPU memory on CUDA."""
     import psutil
+    import torch
     available = psutil.virtual_memory().available
     if device == "mps":
-        import torch
-        # Metal caps what one process may use at its recommended working set.
         available = min(available, int(torch.mps.recommended_max_memory()))
     elif device == "cuda":
-        import torch
         available = torch.cuda.mem_get_info()[0]
     return available
+
+
+def empty_device_cache(device: str):
+    """Hand the memory torch keeps cached on a GPU back to the system (between models of a comparison)."""
+    import torch
+    if device == "mps":
+        torch.mps.empty_cache()
+    elif device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def dtype_name(dtype) -> str:
+    """torch.bfloat16 -> 'bfloat16'."""
+    return str(dtype).replace("torch.", "")
 
 
 def preflight_memory(config, dtype, device: str, name: str) -> int:
@@ -382,52 +398,100 @@ def preflight_memory(config, dtype, device: str, name: str) -> int:
     need, have = int(weight_bytes * 1.2), available_memory_bytes(device)
     if need > have:
         smaller = " or DTYPE='float16'" if dtype == torch.float32 else ""
-        raise LabError(f"{name} needs about {need / 1e9:.1f} GB in {str(dtype).replace('torch.', '')} but only "
+        raise LabError(f"{name} needs about {need / 1e9:.1f} GB in {dtype_name(dtype)} but only "
                        f"{have / 1e9:.1f} GB is free on {device}: close other programs{smaller}, or pick a "
                        "smaller MODEL.")
     return weight_bytes
 
 
-# ----------------------------------------------------------------------------- MPS check
+# ----------------------------------------------------------------------------- device check (MPS, CUDA)
 
 
-def check_mps(hf_model, tokenizer) -> list[str]:
-    """MPS has returned silently wrong numbers before: compare one decoder block on MPS with the CPU.
+def _to(value, device: str, dtype=None):
+    """Move every tensor in a (nested) forward argument to `device`; floating tensors also to `dtype`."""
+    import torch
+    if isinstance(value, torch.Tensor):
+        return value.to(device, dtype) if dtype is not None and value.is_floating_point() else value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(v, device, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device, dtype) for k, v in value.items()}
+    return value
 
-    Returns warnings (empty when the model looks right).
+
+def first_block_of_each_type(config) -> list[int]:
+    """The blocks to check: the first of each attention type (Gemma-2/3 alternate sliding and global layers,
+    whose position embeddings differ), or block 0 when all blocks are alike."""
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"]
+    return sorted({layer_types.index(kind) for kind in set(layer_types)})
+
+
+def capture_block_calls(hf_model, blocks: list[int], input_ids):
+    """Run the model once and record each block's inputs and output as the model itself produced them.
+
+    The captured keyword arguments carry the model's own position embeddings for that block (local or global
+    rotary), masks and positions, so re-running a block needs no knowledge of the architecture.
+    Returns ({block: (args, kwargs, output [1, seq, d_model])}, logits [1, seq, vocab]).
     """
     import torch
-    notes = []
-    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids.to("mps")
-    with torch.no_grad():
-        out = hf_model(ids, output_hidden_states=True)
-    if not torch.isfinite(out.logits).all():
-        return ["MPS check FAILED: the logits contain NaN or inf; try DTYPE='bfloat16' or DTYPE='float32'."]
-    hidden = out.hidden_states[0]
-    block = hf_model.model.layers[0]
-    positions = torch.arange(ids.shape[1], device="mps")[None]
-    rotary = hf_model.model.rotary_emb
+    calls, handles = {}, []
+    for index in blocks:
+        def remember(module, args, kwargs, output, index=index):
+            calls[index] = (args, kwargs, output[0] if isinstance(output, tuple) else output)
+        handles.append(hf_model.model.layers[index].register_forward_hook(remember, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            logits = hf_model(input_ids, use_cache=False).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls, logits
 
-    def run_block(device):
-        b = block.to(device)
-        h = hidden.to(device)
-        pe = tuple(t.to(device) for t in rotary.to(device)(h, positions.to(device)))
-        result = b(h, position_embeddings=pe, attention_mask=None, position_ids=positions.to(device))
-        return (result[0] if isinstance(result, tuple) else result).float().cpu()
 
-    with torch.no_grad():
-        on_mps = run_block("mps")
-        on_cpu = run_block("cpu").to(on_mps.dtype)
-        block.to("mps")
-        rotary.to("mps")
-    diff = (on_mps - on_cpu).abs().max().item()
-    scale = on_cpu.abs().max().item() or 1.0
-    if diff / scale > 2e-2:
-        notes.append(f"MPS check WARNING: block 0 differs between MPS and CPU by {diff:.4g} (relative "
-                     f"{diff / scale:.2%}); results may be wrong - compare with DEVICE='cpu'.")
-    else:
-        notes.append(f"MPS check passed: block 0 on MPS matches the CPU within {diff:.2g}.")
-    return notes
+def check_device(model, device: str) -> list[str]:
+    """Does `device` compute this model right? Compare blocks run there with a float32 reference on the CPU.
+
+    Devices have returned silently wrong numbers before (MPS: F.linear in torch 2.8, a transposed matmul).
+    One forward pass on `device` records the first block of each attention type; a float32 CPU copy of each
+    block then re-runs it on the same inputs. They must agree within the dtype's tolerance
+    (common.checks.tolerance). Returns notes for the user; never raises: a check that cannot run is a warning.
+    """
+    label = device.upper() if device != "cpu" else "CPU"
+    try:
+        return _device_check_notes(model, device, label)
+    except Exception as exc:  # the check must never stop a run: report it and go on
+        return [f"{label} check WARNING: the check itself failed ({type(exc).__name__}: {str(exc)[:100]}); "
+                f"results may still be right, but compare one run with DEVICE='cpu'."]
+
+
+def _device_check_notes(model, device: str, label: str) -> list[str]:
+    import copy
+    import torch
+    from .checks import tolerance
+    hf_model = model.hf_model
+    ids = model.tokenizer("The capital of France is", return_tensors="pt").input_ids.to(device)
+    blocks = first_block_of_each_type(model.text_config)
+    calls, logits = capture_block_calls(hf_model, blocks, ids)
+    if not torch.isfinite(logits).all():
+        return [f"{label} check FAILED: the logits contain NaN or inf; try DTYPE='bfloat16' or DTYPE='float32'."]
+    results = []  # (difference, allowed, block)
+    for index in blocks:
+        args, kwargs, on_device = calls[index]
+        reference_block = copy.deepcopy(hf_model.model.layers[index]).to("cpu", torch.float32)
+        reference_block._forward_hooks.clear()  # the plain block, whatever hooks the experiment added
+        with torch.no_grad():
+            out = reference_block(*_to(args, "cpu", torch.float32), **_to(kwargs, "cpu", torch.float32))
+        reference = (out[0] if isinstance(out, tuple) else out).float()
+        diff = (on_device.float().cpu() - reference).abs().max().item()
+        results.append((diff, tolerance(model.dtype, reference, 1e-4 * max(1.0, reference.abs().max().item())), index))
+    worst = max(results, key=lambda r: r[0] - r[1])
+    diff, limit, index = worst
+    names = ", ".join(map(str, blocks))
+    if diff > limit:
+        return [f"{label} check WARNING: block {index} on {device} differs from the CPU by {diff:.4g} (allowed "
+                f"{limit:.2g} in {dtype_name(model.dtype)}); results may be wrong - compare with DEVICE='cpu'."]
+    return [f"{label} check passed: block{'s' if len(blocks) > 1 else ''} {names} on {device} match the CPU "
+            f"in float32 within {diff:.2g} (allowed {limit:.2g})."]
 
 
 # ----------------------------------------------------------------------------- loading
@@ -475,7 +539,7 @@ def load_model(spec: str | None = None, device: str = "auto", dtype: str = "auto
     torch_dtype = choose_dtype(dtype, device, config.model_type)
     preflight_memory(config, torch_dtype, device, source.name)
 
-    _say(f"Loading {source.name} on {device} in {str(torch_dtype).replace('torch.', '')}...")
+    _say(f"Loading {source.name} on {device} in {dtype_name(torch_dtype)}...")
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         # Eager attention: the hooks see real attention patterns, and Gemma-2 avoids SDPA's NaNs.
@@ -488,7 +552,19 @@ def load_model(spec: str | None = None, device: str = "auto", dtype: str = "auto
         raise LabError(f"Could not load the weights of '{source.spec}' ({str(exc)[:120]}): {fix}.") from None
     hf_model.to(device).eval()
 
-    notes = check_mps(hf_model, tokenizer) if device == "mps" else []
-    for note in notes:
+    model = LoadedModel(source, hf_model, tokenizer, device, torch_dtype, folder)
+    model.notes = device_notes(model)
+    for note in model.notes:
         _say(note)
-    return LoadedModel(source, hf_model, tokenizer, device, torch_dtype, folder, notes)
+    return model
+
+
+def device_notes(model: LoadedModel) -> list[str]:
+    """What to tell the user about the device: on a GPU, the device check (and MPS's CPU fallback)."""
+    if model.device == "cpu":
+        return []
+    notes = check_device(model, model.device)
+    if model.device == "mps" and os.environ.get("PYTORCH_ENABLE_MPS_FALLBACK") == "1":
+        notes.append("PYTORCH_ENABLE_MPS_FALLBACK=1 is set: the few operations MPS lacks run on the CPU (slower, "
+                     "but right).")
+    return notes

@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from .checks import tolerance
 from .errors import LabError
 
 SITES = ("resid", "attn", "mlp", "head")
@@ -137,8 +138,8 @@ def first_layer_staying_true(flags: list[bool]) -> int | None:
 
 def logit_tolerance(dtype, logits: torch.Tensor) -> float:
     """How far two logits that should be equal may differ: float32 rounding, or half precision's ~3 digits,
-    relative to the logits' scale (logits: any shape)."""
-    return (1e-4 if dtype == torch.float32 else 1e-2) * max(1.0, float(logits.float().abs().max()))
+    relative to the logits' scale (logits: any shape), by common.checks' rule."""
+    return tolerance(dtype, logits, 1e-4 * max(1.0, float(logits.float().abs().max())))
 
 
 def normalize(values: torch.Tensor, clean: float, corrupt: float) -> torch.Tensor:
