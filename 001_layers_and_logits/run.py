@@ -42,6 +42,7 @@ import json  # noqa: E402
 from statistics import median  # noqa: E402
 
 from common.config import parse_toggles  # noqa: E402
+from common.progress import progress  # noqa: E402
 from common.errors import LabError  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -53,6 +54,7 @@ FORMATS = ("completion", "qa", "chat")
 
 
 def main(cfg):
+    from common import report
     from common.models import load_model, resolve_model
     from common.prompts import load_prompts_file
 
@@ -80,10 +82,28 @@ def main(cfg):
         studies.append(study)
         model.free()
 
-    # 3. Several models: one comparison by depth %.
-    if len(studies) > 1:
-        return write_comparison(cfg, studies)
-    return studies[0]["run_folder"]
+    # 3. Several models: one comparison by depth %. Then: where to look, and what was found.
+    folder = write_comparison(cfg, studies) if len(studies) > 1 else studies[0]["run_folder"]
+    failed = [c["name"] for s in studies for c in s["checks"] if not c["passed"]]
+    report.finish_run(folder, [line for s in studies for line in findings(s)], failed)
+    return folder
+
+
+def findings(study) -> list[str]:
+    """Two headlines of one model's study in plain words: the first fact, and the median over all facts."""
+    mains, n, name = main_prompts(study["results"]["prompts"]), study["n_layers"], study["model"]
+    if not mains:
+        return []
+    first, layers = mains[0], [r["resolution"]["first_top1_layer"] for r in mains]
+    layer = first["resolution"]["first_top1_layer"]
+    said = (f"becomes top-1 for good at layer {layer} of {n} ({100 * layer / n:.0f}% depth)" if layer is not None
+            else f"is never top-1 (rank {final(first, 'target_rank')} at the last layer)")
+    lines = [f"{name}: {first['target_token']!r} {said} after {first['prompt']!r}."]
+    resolved = sorted(layer for layer in layers if layer is not None)
+    if len(mains) > 1 and resolved:
+        lines.append(f"{name}: {len(resolved)} of {len(mains)} facts resolve; median first top-1 layer "
+                     f"{median(resolved):g} of {n} ({100 * median(resolved) / n:.0f}% depth).")
+    return lines
 
 
 def build_prompts(cfg, model) -> tuple[list, list[str]]:
@@ -124,10 +144,9 @@ def study_model(cfg, model) -> dict:
     encoded = [(p, encode(model, p.text), target_token(model.tokenizer, p.text, p.target)) for p in prompts]
     temperatures = sorted(set(float(t) for t in cfg.TEMPERATURES) | {1.0})
     lens_name = "norm" if cfg.USE_NORM_LENS else "raw"
-    print(f"{model.name}: {lens_name.upper()} lens over {model.n_layers + 1} layers, {len(prompts)} prompts...",
-          flush=True)
     records = []
-    for prompt, ids, target in encoded:
+    for prompt, ids, target in progress(encoded, f"{model.name}: {lens_name.upper()} lens, {model.n_layers + 1} "
+                                                 "layers", unit="prompt"):
         by_temperature = lens.sweep(model, ids, target.token_id, cfg.USE_NORM_LENS, cfg.TOP_K, tuple(temperatures))
         base = by_temperature[1.0]
         records.append({
@@ -197,8 +216,6 @@ def write_model_run(cfg, model, study) -> Path:
         run.write_json("config.json", report.run_config(cfg, model, EXPERIMENT))
         figures = draw_figures(run, study)
         run.write_text("report.md", write_report(cfg, study, figures, model))
-    if not all(check["passed"] for check in study["checks"]):
-        print("WARNING: a self-check failed; see report.md.", file=sys.stderr)
     return run.final_path
 
 

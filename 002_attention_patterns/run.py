@@ -30,6 +30,7 @@ OUT_DIR = str(Path(__file__).resolve().parent / "results")  # run folders go to 
 SEED = 0  # random seed (the analysis itself is deterministic)
 
 from common.config import parse_toggles  # noqa: E402
+from common.progress import progress  # noqa: E402
 from common.errors import LabError  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -89,10 +90,10 @@ def main(cfg):
 
     # 3. Patterns: HF eager attention first (the reference; booting the bridge wraps those modules), then
     #    the bridge's hook_pattern, which is what the analysis reads.
-    print(f"Attention of {len(blocks)} blocks x {model.n_heads} heads, {len(records)} prompts...", flush=True)
-    references = [att.hf_patterns(model.hf_model, r["ids"].to(model.device), blocks) for r in records]
+    references = [att.hf_patterns(model.hf_model, r["ids"].to(model.device), blocks)
+                  for r in progress(records, "reference patterns (HF eager)", unit="prompt")]
     patterns, masses, subject_mass = [], [], []
-    for record in records:
+    for record in progress(records, f"attention of {len(blocks)} blocks x {model.n_heads} heads", unit="prompt"):
         pattern, logits = att.bridge_patterns(model.bridge, record["ids"].to(model.device), blocks)
         final_rows = pattern[:, :, -1, :]  # [blocks, heads, seq]: where the predicting position looks
         mass = att.mass_by_bucket(final_rows, record["bucket_index"])  # [blocks, heads, buckets]
@@ -123,9 +124,18 @@ def main(cfg):
         run.write_json("config.json", report.run_config(cfg, model, EXPERIMENT))
         figures = draw_figures(run, results, patterns, masses, subject_mass, cfg.TOP_HEADS)
         run.write_text("report.md", write_report(results, patterns, masses, subject_mass, figures, model, cfg))
-    if not all(check["passed"] for check in checks):
-        print("WARNING: a self-check failed; see report.md.", file=sys.stderr)
+    report.finish_run(run.final_path, findings(results), [c["name"] for c in checks if not c["passed"]])
     return run.final_path
+
+
+def findings(results) -> list[str]:
+    """The headline of the run in plain words: the head that looks at the subject most."""
+    if not results["head_ranking"]:
+        return []
+    top = results["head_ranking"][0]
+    return [f"Head L{top['layer']}H{top['head']} puts {100 * top['mean']:.0f}% of the last position's attention on "
+            f"the subject (mean over {len(results['prompts'])} prompts), the most of the heads in blocks "
+            f"{results['layers'][0]}-{results['layers'][-1]}."]
 
 
 def prompt_record(record, pattern, mass, subject_mass, blocks, kv_of, local, n_layers) -> dict:

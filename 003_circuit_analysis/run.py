@@ -34,6 +34,7 @@ SEED = 0  # random seed (the analysis itself is deterministic)
 
 from common.checks import check, tolerance  # noqa: E402
 from common.config import parse_toggles  # noqa: E402
+from common.progress import progress  # noqa: E402
 from common.errors import LabError  # noqa: E402
 
 here = Path(__file__).resolve().parent  # lower case: UPPER_CASE globals would be read as toggles
@@ -93,12 +94,8 @@ def main(cfg):
         items.append((prompt, ids, target, counter))
 
     # 3. Per prompt: attribution, ablations, attention on the subject.
-    print(f"Attributing {cfg.METRIC} over {model.n_layers} layers x {model.n_heads} heads, {len(items)} prompts "
-          f"({cfg.ABLATION} ablation{', every component' if cfg.ABLATE_EVERY else ''})...", flush=True)
-    records = []
-    for number, (prompt, ids, target, counter) in enumerate(items, 1):
-        records.append(analyse_prompt(model, cfg, prompt, ids, target, counter))
-        print(f"  {number}/{len(items)} {prompt.text!r}: {cfg.METRIC} {records[-1]['metric']:.4f}", flush=True)
+    records = [analyse_prompt(model, cfg, prompt, ids, target, counter) for prompt, ids, target, counter in
+               progress(items, f"attributing {cfg.METRIC}, {cfg.ABLATION} ablation", unit="prompt")]
     results = {"experiment": experiment, "model": model.name, "n_layers": model.n_layers,
                "n_heads": model.n_heads, "n_kv_heads": model.n_kv_heads, "metric": cfg.METRIC,
                "ablation": cfg.ABLATION, "ablate_every": cfg.ABLATE_EVERY, "top_k": cfg.TOP_K,
@@ -113,9 +110,24 @@ def main(cfg):
         run.write_json("config.json", report.run_config(cfg, model, experiment))
         figures = draw_figures(run, results)
         run.write_text("report.md", write_report(results, figures, model, cfg))
-    if not all(check["passed"] for record in records for check in record["self_checks"]):
-        print("WARNING: a self-check failed; see report.md.", file=sys.stderr)
+    failed = [c["name"] for record in records for c in record["self_checks"] if not c["passed"]]
+    report.finish_run(run.final_path, findings(results), failed)
     return run.final_path
+
+
+def findings(results) -> list[str]:
+    """The headlines in plain words: the strongest direct writer, and attention vs MLPs."""
+    across, n = results["across_prompts"], results["across_prompts"]["n_prompts"]
+    lines = []
+    if across["frequent_heads"]:
+        top = across["frequent_heads"][0]
+        lines.append(f"Head {head_name(top['layer'], top['head'])} writes the {results['metric']} most often: in the "
+                     f"top {results['top_k']} for {top['n_prompts_in_top_k']} of {n} prompts, mean direct "
+                     f"attribution {top['mean_dla']:+.2f}.")
+    attn, mlps = sum(across["mean_attn_per_layer"]), sum(across["mean_mlps"])
+    lines.append(f"Summed over layers, attention heads write {attn:+.2f} and MLPs {mlps:+.2f} of the "
+                 f"{results['metric']} directly (mean over {n} prompts).")
+    return lines
 
 
 def head_name(layer: int, head: int) -> str:

@@ -40,6 +40,7 @@ SEED = 0  # seeds the causal-tracing noise and the cells re-run one at a time as
 
 from common.checks import check  # noqa: E402
 from common.config import parse_toggles  # noqa: E402
+from common.progress import progress  # noqa: E402
 from common.errors import LabError  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -89,8 +90,7 @@ def main(cfg):
 
     # 3. Each pair: baselines, exact and attribution patching, causal tracing, the link to 001.
     records = []
-    for i, (pair, enc) in enumerate(zip(pairs, encoded)):
-        print(f"Pair {i}: {pair['clean']!r} -> {pair['corrupt']!r}...", flush=True)
+    for i, (pair, enc) in enumerate(progress(list(zip(pairs, encoded)), "pairs", unit="pair")):
         records.append(study_pair(model, cfg, pair, enc, grids, noise_std, seed=cfg.SEED + i))
     results = {"experiment": EXPERIMENT, "model": model.name, "n_layers": model.n_layers,
                "n_heads": model.n_heads, "n_kv_heads": model.n_kv_heads, "sites": sites, "grids": grids,
@@ -104,9 +104,22 @@ def main(cfg):
         figures = draw_figures(run, results)
         run.write_text("report.md", write_report(results, figures, model))
     failed = [c["name"] for r in records for c in r["self_checks"] if not c["passed"]]
-    if failed:
-        print(f"WARNING: {len(failed)} self-check(s) failed; see report.md.", file=sys.stderr)
+    report.finish_run(run.final_path, findings(results), failed)
     return run.final_path
+
+
+def findings(results) -> list[str]:
+    """The headline per pair in plain words: where patching the last position restores the clean answer."""
+    n, lines = results["n_layers"], []
+
+    def from_layer(layer):
+        return "at no layer" if layer is None else f"from layer {layer} of {n} ({100 * layer / n:.0f}% depth)"
+    for i, pair in enumerate(results["pairs"][:3]):
+        link = pair["link_to_001"]
+        lines.append(f"Pair {i} ({pair['clean']!r}): patching the clean residual into the last position restores "
+                     f"{pair['clean_answer_token']!r} as top-1 {from_layer(link['switch_layer'])}; 001's lens "
+                     f"makes it top-1 {from_layer(link['resolution_layer'])}.")
+    return lines
 
 
 # ----------------------------------------------------------------------------- one pair
@@ -219,7 +232,8 @@ def exact_patching(model, cfg, corrupt_ids, layouts, clean_acts, corrupt_acts, r
     """
     from common import patching as P
     all_cells = [cell for layout in layouts.values() for cell in layout["cells"]]
-    out = P.patch_batched(model, corrupt_ids, all_cells, clean_acts, readout, cfg.BATCH_SIZE, base=corrupt_acts)
+    out = P.patch_batched(model, corrupt_ids, all_cells, clean_acts, readout, cfg.BATCH_SIZE, base=corrupt_acts,
+                          description=f"exact patching, {len(all_cells)} cells")
     grids, final_top1, start = {}, None, 0
     for g, layout in layouts.items():
         rows, cols = layout["shape"]

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from .checks import check, tolerance
+from .progress import progress
 
 ABLATIONS = ("zero", "mean")
 
@@ -369,7 +370,10 @@ def run_ablations(model, input_ids: torch.Tensor, head_mask: torch.Tensor, mlp_m
     output (before any soft-cap); the probability from the model's final logits (after it).
     """
     metrics, probs = [], []
-    for start in range(0, head_mask.shape[0], batch_size):
+    starts = range(0, head_mask.shape[0], batch_size)
+    if len(starts) > 2:  # a bar only where the wait is long (every head and MLP ablated alone)
+        starts = progress(starts, f"ablations, {head_mask.shape[0]} sets", unit="batch")
+    for start in starts:
         heads, mlps = head_mask[start:start + batch_size], mlp_mask[start:start + batch_size]
         captured = {}
 

@@ -326,13 +326,35 @@ def dequantized_folder(gguf: Path, architecture: str | None = None) -> Path:
 # ----------------------------------------------------------------------------- Hugging Face Hub
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub answers a TCP connection within `timeout` seconds.
+
+    Asked before a download that the cache cannot serve: without a network, huggingface_hub retries with
+    backoff for ~40 s and prints a line per retry; this answers in seconds.
+    """
+    import socket
+    from urllib.parse import urlparse
+    from huggingface_hub import constants
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def _hub_config_file(repo_id: str) -> str:
     """Download (or find in the local cache) a Hub model's config.json, turning Hub errors into one sentence."""
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
     from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError,
                                         LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError)
+    cached = try_to_load_from_cache(repo_id, "config.json")  # a path, or None / a "known missing" marker
+    cached = cached if isinstance(cached, str) else None
+    if cached is None and not constants.HF_HUB_OFFLINE and not hub_reachable():
+        raise LabError(f"'{repo_id}' is not downloaded and the Hugging Face Hub cannot be reached: "
+                       "connect to the internet once so it can download, then run again.")
     try:
-        return hf_hub_download(repo_id, "config.json")
+        return cached or hf_hub_download(repo_id, "config.json")
     except GatedRepoError:  # before RepositoryNotFoundError, its parent class
         raise LabError(f"'{repo_id}' is gated: accept its license on https://huggingface.co/{repo_id}, "
                        "then log in here with `hf auth login` and run again.") from None

@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 from .checks import tolerance
+from .progress import progress
 from .errors import LabError
 
 SITES = ("resid", "attn", "mlp", "head")
@@ -231,13 +232,15 @@ def unchanged_cells(cells: list[Cell], source: dict, base: dict) -> list[bool]:
 
 
 def patch_batched(model, input_ids: torch.Tensor, cells: list[Cell], source: dict, readout: Readout,
-                  batch_size: int, edits: dict | None = None, base: dict | None = None) -> dict:
+                  batch_size: int, edits: dict | None = None, base: dict | None = None,
+                  description: str | None = None) -> dict:
     """Run the model on `input_ids` once per cell with that cell's patches, batch_size cells per forward.
 
     input_ids: [1, seq], the base prompt. source: {hook name: activation [seq, ...]} to copy from.
     edits: {hook name: fn(activation [B, seq, ...]) -> activation} applied to every row before the patches.
     base: the base run's activations ({hook name: [seq, ...]}, with the same edits); when given, cells
         that would write what is already there are not run and get the base run's readout.
+    description: when given, a progress bar with this label counts the patched runs.
     Returns the readout's entries as tensors [len(cells)], plus "ran" [len(cells)] (bool).
     """
     skip = unchanged_cells(cells, source, base) if base is not None else [False] * len(cells)
@@ -246,8 +249,9 @@ def patch_batched(model, input_ids: torch.Tensor, cells: list[Cell], source: dic
     runs += [cells[i] for i in todo]
     ids = input_ids.to(model.device)
     chunks = []
+    starts = range(0, len(runs), batch_size)
     with torch.no_grad():
-        for start in range(0, len(runs), batch_size):
+        for start in progress(starts, description, unit="batch") if description else starts:
             chunk = runs[start:start + batch_size]
             logits = model.bridge.run_with_hooks(ids.expand(len(chunk), -1),
                                                  fwd_hooks=_cell_hooks(chunk, source, edits), logits_to_keep=1)
@@ -350,7 +354,7 @@ def causal_trace(model, clean_ids: torch.Tensor, clean_acts: dict, cells: list[C
     names = sorted({name for cell in cells for name, _ in cell} | {embed})
     restored, noised = torch.zeros(len(cells)), []
     ran = torch.zeros(len(cells), dtype=torch.bool)
-    for sample in noise:
+    for sample in progress(noise, f"causal tracing, {len(cells)} cells", unit="sample"):
         edits = {embed: add_noise_edit(positions, sample)}
         logits, base = cache_activations(model, clean_ids, names, edits)
         noised.append(float(readout(logits[None])["p_clean"][0]))

@@ -91,7 +91,44 @@ def new_run_folder(out_dir: str | Path, model_slug: str):
         except OSError:
             continue
     run.final_path = run.path = final
-    print(f"Results: {final}", flush=True)
+    point_latest_at(final)
+    print(f"Wrote {display_path(final)}", file=sys.stderr, flush=True)
+
+
+def point_latest_at(folder: Path):
+    """Make `<model folder>/latest` a link to the newest run (relative, so it survives moving the repo)."""
+    link = folder.parent / "latest"
+    tmp = folder.parent / f".latest-{os.getpid()}"
+    try:
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(folder.name, target_is_directory=True)
+        os.replace(tmp, link)  # atomic: a reader never sees a missing link
+    except OSError:  # a file system without links: the newest folder is still the last by name
+        tmp.unlink(missing_ok=True)
+
+
+def display_path(path: Path) -> str:
+    """`path` relative to the current folder when inside it (shorter to read and to paste), else absolute."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def finish_run(folder: Path, findings: list[str], failed_checks: list[str] = ()):
+    """The last thing a run prints: its folder, the report to open, and what it found in plain words."""
+    folder = Path(folder)
+    lines = ["", f"Done. Run folder: {display_path(folder)}"]
+    for name, what in (("report.html", "to explore in a browser"), ("report.md", "tables, figures and self-checks")):
+        if (folder / name).exists():
+            lines.append(f"  open {display_path(folder / name)}  ({what})")
+    if findings:
+        lines += ["What it found:"] + [f"  - {finding}" for finding in findings]
+    if failed_checks:
+        lines.append(f"WARNING: {len(failed_checks)} self-check(s) failed ({failed_checks[0]}"
+                     f"{', ...' if len(failed_checks) > 1 else ''}): read the Self-checks section of report.md "
+                     "before trusting these numbers.")
+    print("\n".join(lines), flush=True)
 
 
 def git_commit() -> str:

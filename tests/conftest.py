@@ -57,8 +57,8 @@ def run_script(script: str, *args: str, timeout: int = 600) -> subprocess.Comple
 
 
 def run_folders(out_dir) -> list:
-    """The run folders an experiment wrote under OUT_DIR (<OUT_DIR>/<model>/<time>/)."""
-    return [p for p in out_dir.glob("*/*") if p.is_dir()]
+    """The run folders an experiment wrote under OUT_DIR (<OUT_DIR>/<model>/<time>/), not the `latest` links."""
+    return [p for p in out_dir.glob("*/*") if p.is_dir() and not p.is_symlink()]
 
 
 def assert_fails_cleanly(result: subprocess.CompletedProcess, out_dir, fragment: str):

@@ -30,7 +30,7 @@ def chat_process(*args: str, stdin_text: str = "", timeout: int = 300) -> subpro
 
 
 def only_run_folder(out_dir):
-    [folder] = [p for p in out_dir.glob("*/*") if p.is_dir()]
+    [folder] = [p for p in out_dir.glob("*/*") if p.is_dir() and not p.is_symlink()]
     return folder
 
 

@@ -158,7 +158,7 @@ def test_models_compared_by_depth(tmp_path, tiny_folders):
                         "--PARAPHRASES=False", "--DIRECTION_PROBES=False", "--TEMPERATURES=[1.0]")
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["comparison", "gemma2", "llama"]
-    [folder] = list((out / "comparison").iterdir())
+    [folder] = [p for p in (out / "comparison").iterdir() if not p.is_symlink()]
     comparison = json.loads((folder / "results.json").read_text())
     assert [m["model"] for m in comparison["models"]] == ["llama", "gemma2"]
     for entry in comparison["models"]:
@@ -175,7 +175,7 @@ def test_gemma3_base_model(tmp_path):
     result = run_script(SCRIPT, f"--OUT_DIR={out}", "--MODEL=gemma3-270m", "--PROMPT_FORMAT=all",
                         "--PARAPHRASES=False", "--DIRECTION_PROBES=False", "--TEMPERATURES=[1.0]")
     assert result.returncode == 0, result.stderr
-    [folder] = list((out / "gemma3-270m").iterdir())
+    [folder] = [p for p in (out / "gemma3-270m").iterdir() if not p.is_symlink()]
     results = json.loads((folder / "results.json").read_text())
     assert results["n_layers"] == 18 and {p["format"] for p in results["prompts"]} == {"completion", "qa"}
     assert "no chat template" in (folder / "report.md").read_text()

@@ -51,6 +51,28 @@ def test_hub_model_not_downloaded_while_offline():
         load_model("nobody-has/this-model-7b", "cpu")
 
 
+def test_no_network_fails_fast_without_retries(monkeypatch):
+    """Not offline mode, but no network: one sentence within seconds, and no download attempt (which would
+    retry with backoff for ~40 s, printing a line per retry)."""
+    import socket
+    import time
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
+    def unreachable(address, timeout=None):
+        assert timeout is not None and timeout <= 5
+        raise OSError("Network is unreachable")
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+
+    def download(*args, **kwargs):
+        raise AssertionError("tried to download without a network")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    start = time.perf_counter()
+    with pytest.raises(LabError, match="not downloaded and the Hugging Face Hub cannot be reached"):
+        load_model("nobody-has/this-model-7b", "cpu")
+    assert time.perf_counter() - start < 10
+
+
 def test_gated_and_unknown_hub_ids_get_one_sentence(monkeypatch):
     import httpx
     from huggingface_hub import errors
