@@ -29,6 +29,8 @@ MODEL = "smollm2-135m"  # embedded model, Hugging Face id (e.g. "Qwen/Qwen3-8B")
 PAIRS_FILE = None  # None = this folder's pairs.json; else a JSON list of {"clean", "corrupt", "clean_answer", "corrupt_answer"}
 SITES = ["resid", "attn", "mlp", "head"]  # what to patch: any of "resid", "attn", "mlp", "head"
 METHOD = "both"  # "exact" (a patched run per cell), "attribution" (gradient estimate) or "both"
+EXACT = "top"  # head/attn/mlp grids: "top" = exact runs only for the EXACT_TOP_K cells attribution ranks highest; "all"
+EXACT_TOP_K = 20  # with EXACT = "top": cells confirmed exactly per grid (the residual grid is always exact)
 NOISE_TRACING = True  # also run ROME's causal tracing: noise on the subject tokens, restore clean states
 NOISE_SAMPLES = 5  # noised runs averaged per causal-tracing cell
 NOISE_LEVEL = 3.0  # noise standard deviation in units of the embeddings' standard deviation (ROME: 3)
@@ -60,6 +62,8 @@ def check_toggles(cfg) -> list[dict]:
     sites = cfg.SITES if isinstance(cfg.SITES, list) else [cfg.SITES]
     if not sites or any(site not in SITES for site in sites):
         raise LabError(f"SITES must list some of {', '.join(map(repr, SITES))}, not {cfg.SITES!r}.")
+    if cfg.EXACT_TOP_K < 1:
+        raise LabError(f"EXACT_TOP_K must be at least 1, not {cfg.EXACT_TOP_K}.")
     for name in ("BATCH_SIZE", "NOISE_SAMPLES"):
         if getattr(cfg, name) < 1:
             raise LabError(f"{name} must be at least 1, not {getattr(cfg, name)}.")
@@ -186,24 +190,29 @@ def study_pair(model, cfg, pair, enc, grids, noise_std, seed) -> dict:
     record["changed_cells"] = {g: int(c.sum()) for g, c in changed.items()}
     checks = []
 
-    # Exact patching (batched), the identity checks, then attribution patching beside it.
+    # Attribution patching (every cell from one backward pass), then exact patching (batched) of the resid grid
+    # and, with EXACT="top", only of the cells attribution ranks highest; then the identity checks.
     final_cells = [[(name, (seq - 1,))] for name in resid_names]
+    if cfg.METHOD in ("attribution", "both") or cfg.EXACT == "top":
+        record["attribution"], attribution_check = attribution_patching(
+            model, corrupt_ids, layouts, names, clean_acts, (clean_id, corrupt_id), ld_clean, ld_corrupt, tol_logit)
+        checks.append(attribution_check)
     if cfg.METHOD in ("exact", "both"):
-        record["exact"], final_top1, batch_check = exact_patching(model, cfg, corrupt_ids, layouts, clean_acts,
-                                                                  corrupt_acts, readout, norm, tol, seed)
+        chosen = exact_cells(cfg, layouts, record["attribution"], changed)
+        record["exact_cells"] = {g: {"run": len(c), "of": len(layouts[g]["cells"])} for g, c in chosen.items()}
+        record["exact"], final_top1, batch_check = exact_patching(model, cfg, corrupt_ids, layouts, chosen,
+                                                                  clean_acts, corrupt_acts, readout, norm, tol, seed)
         checks.append(batch_check)
     if "resid" not in record["exact"]:  # the link to 001 needs the final position's residual, patched exactly
         final_top1 = P.patch_batched(model, corrupt_ids, final_cells, clean_acts, readout, cfg.BATCH_SIZE,
                                      base=corrupt_acts)["clean_is_top1"].tolist()
     checks += identity_checks(model, cfg, clean_ids, corrupt_ids, clean_acts, corrupt_acts, final_cells,
                               resid_names, readout, norm, tol)
-    if cfg.METHOD in ("attribution", "both"):
-        record["attribution"], attribution_check = attribution_patching(
-            model, corrupt_ids, layouts, names, clean_acts, (clean_id, corrupt_id), ld_clean, ld_corrupt, tol_logit)
-        checks.append(attribution_check)
+    if cfg.METHOD == "exact":
+        record["attribution"] = {}  # computed only to choose the exact cells
     for g in grids:
         if g in record["exact"] and g in record["attribution"]:
-            exact, estimate = (torch.tensor(record[m][g]).flatten() for m in ("exact", "attribution"))
+            exact, estimate = (P.grid_values(record[m][g]).flatten() for m in ("exact", "attribution"))
             record["correlation"][g] = P.pearson(exact[changed[g]], estimate[changed[g]])
 
     # The link to 001: where the final position's residual switches the answer vs where the lens resolves it.
@@ -223,24 +232,35 @@ def study_pair(model, cfg, pair, enc, grids, noise_std, seed) -> dict:
     return record
 
 
-def exact_patching(model, cfg, corrupt_ids, layouts, clean_acts, corrupt_acts, readout, norm, tol, seed):
-    """Every cell of every grid patched clean into corrupt, batched. Cells that would write what is already
-    there are not run (they get the unpatched corrupt run's value, 0).
+def exact_cells(cfg, layouts, estimates, changed) -> dict[str, list[int]]:
+    """Which cells of each grid run exactly: all of them, or (EXACT="top") the resid grid and the EXACT_TOP_K
+    changed cells per other grid with the largest |attribution| estimate. Flat indices per grid."""
+    import torch
+
+    from common import patching as P
+    return {g: list(range(len(layout["cells"]))) if cfg.EXACT == "all" or g == "resid" else
+            P.strongest_cells(torch.tensor(estimates[g]).flatten(), changed[g], cfg.EXACT_TOP_K)
+            for g, layout in layouts.items()}
+
+
+def exact_patching(model, cfg, corrupt_ids, layouts, chosen, clean_acts, corrupt_acts, readout, norm, tol, seed):
+    """The chosen cells of every grid patched clean into corrupt, batched. Cells that would write what is
+    already there are not run (they get the unpatched corrupt run's value, 0); cells not chosen stay None.
 
     Returns ({grid: normalized values [rows][cols]}, the final position's residual column as "clean answer is
     top-1" flags (None without the resid grid), the batched-vs-alone self-check).
     """
     from common import patching as P
-    all_cells = [cell for layout in layouts.values() for cell in layout["cells"]]
+    all_cells = [layout["cells"][i] for g, layout in layouts.items() for i in chosen[g]]
     out = P.patch_batched(model, corrupt_ids, all_cells, clean_acts, readout, cfg.BATCH_SIZE, base=corrupt_acts,
                           description=f"exact patching, {len(all_cells)} cells")
     grids, final_top1, start = {}, None, 0
     for g, layout in layouts.items():
-        rows, cols = layout["shape"]
-        grids[g] = norm(out["logit_diff"][start:start + rows * cols]).reshape(rows, cols).tolist()
-        if g == "resid":
-            final_top1 = out["clean_is_top1"][start:start + rows * cols].reshape(rows, cols)[:, -1].tolist()
-        start += rows * cols
+        count = len(chosen[g])
+        grids[g] = P.fill_grid(norm(out["logit_diff"][start:start + count]), chosen[g], layout["shape"])
+        if g == "resid":  # always complete: every cell chosen
+            final_top1 = out["clean_is_top1"][start:start + count].reshape(layout["shape"])[:, -1].tolist()
+        start += count
     return grids, final_top1, loop_check(model, corrupt_ids, all_cells, out, clean_acts, readout, norm, tol, seed)
 
 
@@ -356,7 +376,8 @@ def draw_figures(run, results) -> dict:
         title = f"{record['clean']!r} vs {record['corrupt']!r}"
         for grid in results["grids"]:
             rows, cols, ylabel, xlabel = grid_labels(results, record, grid)
-            present = {m: record[m][grid] for m in ("exact", "attribution") if grid in record[m]}
+            present = {m: np.asarray(record[m][grid], dtype=float) for m in ("exact", "attribution")
+                       if grid in record[m]}  # None (a cell EXACT="top" did not run) -> nan: drawn blank
             limit = max([1.0] + [float(np.nanmax(np.abs(v))) for v in present.values()])
             for method, matrix in present.items():
                 fig = heatmap(oriented(grid, matrix), rows, cols,
@@ -388,7 +409,7 @@ def scatter_figure(record, grids, title):
     fig, ax = plt.subplots(figsize=(6, 6))
     values = []
     for grid in grids:
-        x, y = np.ravel(record["exact"][grid]), np.ravel(record["attribution"][grid])
+        x, y = (np.asarray(record[m][grid], dtype=float).ravel() for m in ("exact", "attribution"))
         r = record["correlation"].get(grid)
         ax.scatter(x, y, s=10, alpha=0.6, label=f"{grid} (r = {r:.2f})" if r is not None else grid)
         values += [x, y]
@@ -478,6 +499,10 @@ def pair_section(i, record, results, figures) -> list[str]:
                             for p, (c, k) in enumerate(zip(record["clean_tokens"], record["corrupt_tokens"]))]), ""]
     for grid in results["grids"]:
         out += [f"### {grid}", "", f"Cells that differ between the runs: {record['changed_cells'][grid]}."]
+        exact_run = record.get("exact_cells", {}).get(grid)
+        if exact_run and exact_run["run"] < exact_run["of"]:
+            out[-1] += (f" Exact runs: the {exact_run['run']} of {exact_run['of']} cells with the largest |attribution| "
+                        "(EXACT='top'; blank cells were screened out, and r below is over the run cells only; EXACT='all' runs every cell).")
         if grid in record["correlation"]:
             r = record["correlation"][grid]
             out += [f"Exact vs attribution: r = {'n/a' if r is None else f'{r:.3f}'}."]
@@ -521,4 +546,4 @@ def pair_section(i, record, results, figures) -> list[str]:
 
 
 if __name__ == "__main__":
-    main(parse_toggles(globals(), choices={"METHOD": ("exact", "attribution", "both")}))
+    main(parse_toggles(globals(), choices={"METHOD": ("exact", "attribution", "both"), "EXACT": ("top", "all")}))

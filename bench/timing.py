@@ -20,6 +20,24 @@ def median_seconds(fn, repeats: int = 7, warmup: int = 2) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def alternating_medians(functions: dict, repeats: int = 7, warmup: int = 2) -> dict:
+    """Median wall time of each function, timed in turns (a, b, a, b, ...) after `warmup` turns.
+
+    In turns, so that a busy machine slows every side alike; medians, so that one interruption does not
+    decide. Returns {name: seconds}.
+    """
+    for _ in range(warmup):
+        for fn in functions.values():
+            fn()
+    times = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, fn in functions.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
+
+
 def run_python(code: str, env: dict | None = None) -> tuple[float, int]:
     """Run `code` in a fresh Python process; return (wall seconds, peak resident bytes of that process)."""
     report_peak = ("import atexit, resource, sys\n"

@@ -304,9 +304,35 @@ def attribution_for_cells(products: dict, cells: list[Cell]) -> torch.Tensor:
                         dtype=torch.float64)
 
 
+def strongest_cells(estimate: torch.Tensor, changed: torch.Tensor, k: int) -> list[int]:
+    """The cells exact patching confirms under EXACT="top": the k largest |estimate| among changed cells.
+
+    estimate: [n_cells] attribution-patching estimates; changed: [n_cells] bool (cells that write something
+    new: the others are exactly 0 and need no run). Returns flat cell indices in ascending order.
+    """
+    candidates = torch.nonzero(changed).flatten()
+    order = estimate[candidates].abs().argsort(descending=True, stable=True)
+    return sorted(candidates[order[:k]].tolist())
+
+
+def fill_grid(values: torch.Tensor, cells: list[int], shape: tuple[int, int]) -> list[list[float | None]]:
+    """A [rows][cols] grid holding `values` [len(cells)] at the flat `cells`, and None (not run) elsewhere."""
+    full = torch.full((shape[0] * shape[1],), float("nan"), dtype=torch.float64)
+    full[cells] = values.double()
+    return [[None if v != v else v for v in row] for row in full.reshape(shape).tolist()]
+
+
+def grid_values(grid: list[list[float | None]]) -> torch.Tensor:
+    """A results.json grid as a float64 tensor [rows, cols], with nan for the cells that were not run."""
+    return torch.tensor([[float("nan") if v is None else v for v in row] for row in grid], dtype=torch.float64)
+
+
 def pearson(a: torch.Tensor, b: torch.Tensor) -> float | None:
-    """Pearson correlation of two equal-length vectors (None when fewer than 3 values or one is constant)."""
+    """Pearson correlation of two equal-length vectors over the entries where both are finite (None when
+    fewer than 3 values or one is constant)."""
     a, b = a.double().flatten(), b.double().flatten()
+    finite = a.isfinite() & b.isfinite()
+    a, b = a[finite], b[finite]
     if a.numel() < 3 or a.std() == 0 or b.std() == 0:
         return None
     return float(torch.corrcoef(torch.stack([a, b]))[0, 1])

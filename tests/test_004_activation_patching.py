@@ -368,3 +368,43 @@ def test_bad_input_fails_with_one_line_and_no_results(tmp_path, make_args, fragm
     out = tmp_path / "out"
     result = run_script(SCRIPT, f"--OUT_DIR={out}", *make_args(tmp_path))
     assert_fails_cleanly(result, out, fragment)
+
+
+# ----------------------------------------------------------------------------- EXACT="top": screen, then confirm
+
+
+def test_strongest_cells_are_the_largest_changed_estimates():
+    estimate = torch.tensor([0.1, -0.9, 0.5, 0.8, -0.2])
+    changed = torch.tensor([True, True, True, False, True])  # 0.8 writes nothing new: exactly 0, never chosen
+    assert P.strongest_cells(estimate, changed, 2) == [1, 2]
+    assert P.strongest_cells(estimate, changed, 10) == [0, 1, 2, 4]
+    grid = P.fill_grid(torch.tensor([7.0, 8.0]), [1, 2], (2, 2))
+    assert grid == [[None, 7.0], [8.0, None]]
+    assert P.grid_values(grid)[0, 0].isnan() and P.grid_values(grid)[1, 0] == 8.0
+
+
+def test_exact_top_confirms_the_screened_cells_with_the_exhaustive_values(tiny_folders, tmp_path):
+    pairs = tmp_path / "pairs.json"
+    pairs.write_text(json.dumps([{"clean": CLEAN, "corrupt": CORRUPT, "clean_answer": "Paris",
+                                  "corrupt_answer": "Rome"}]))
+    runs = {}
+    for exact in ("top", "all"):
+        out = tmp_path / exact
+        result = run_script(SCRIPT, f"--MODEL={tiny_folders['llama']}", f"--OUT_DIR={out}", f"--PAIRS_FILE={pairs}",
+                            "--SITES=['resid', 'attn', 'head']", "--NOISE_TRACING=False", f"--EXACT={exact}",
+                            "--EXACT_TOP_K=3")
+        assert result.returncode == 0, result.stderr[-2000:]
+        [folder] = run_folders(out)
+        runs[exact] = json.loads((folder / "results.json").read_text())["pairs"][0]
+    top, full = runs["top"], runs["all"]
+    assert top["exact_cells"]["resid"]["run"] == top["exact_cells"]["resid"]["of"]  # the resid grid stays exact
+    for grid in ("attn", "head_all", "head_final"):
+        assert top["exact_cells"][grid]["run"] == 3 < top["exact_cells"][grid]["of"]
+        screened, exhaustive = P.grid_values(top["exact"][grid]), P.grid_values(full["exact"][grid])
+        run = ~screened.isnan()
+        assert int(run.sum()) == 3 and not exhaustive.isnan().any()
+        assert torch.allclose(screened[run], exhaustive[run], atol=1e-6)
+        # the 3 confirmed cells are the 3 largest |attribution| estimates among the changed cells
+        estimate = P.grid_values(top["attribution"][grid]).flatten().abs()
+        assert estimate[run.flatten()].min() >= estimate[~run.flatten() & (exhaustive.flatten() != 0)].max()
+    assert all(check["passed"] for check in top["self_checks"])
