@@ -143,11 +143,22 @@ def study_model(cfg, model) -> dict:
                              for t, s in by_temperature.items()],
             "self_check": base.check,
         })
+    add_other_lens(cfg, model, main_prompts(records))
     results = {"experiment": EXPERIMENT, "model": model.name, "n_layers": model.n_layers, "lens": lens_name,
                "prompts": records}
     checks = [lens_check_summary(records), temperature_rank_check(records)]
     return {"results": results, "checks": checks, "notes": notes, "model": model.name,
             "n_layers": model.n_layers, "slug": model.slug}
+
+
+def add_other_lens(cfg, model, records):
+    """The other lens (RAW under NORM, NORM under RAW) on these prompts, as `<lens>_layers` beside `layers`:
+    report.html shows the lenses side by side."""
+    from common import lens
+    from common.prompts import encode
+    for r in records:
+        sweep = lens.sweep(model, encode(model, r["prompt"]), r["target_token_id"], not cfg.USE_NORM_LENS, cfg.TOP_K)
+        r["raw_layers" if cfg.USE_NORM_LENS else "norm_layers"] = sweep[1.0].layer_records()
 
 
 def lens_check_summary(records) -> dict:
@@ -191,12 +202,13 @@ def final(record, key):
 
 
 def write_model_run(cfg, model, study) -> Path:
-    from common import report
+    from common import html_report, report
     with report.new_run_folder(cfg.OUT_DIR, model.slug) as run:
         run.write_json("results.json", study["results"])
         run.write_json("config.json", report.run_config(cfg, model, EXPERIMENT))
         figures = draw_figures(run, study)
         run.write_text("report.md", write_report(cfg, study, figures, model))
+        html_report.write_page(run, study["results"])
     if not all(check["passed"] for check in study["checks"]):
         print("WARNING: a self-check failed; see report.md.", file=sys.stderr)
     return run.final_path
@@ -414,7 +426,7 @@ def section_every_layer(records, n_layers) -> list[str]:
 
 def write_comparison(cfg, studies) -> Path:
     """One report comparing the models: resolution depth % per prompt, curves against depth %."""
-    from common import report
+    from common import html_report, report
     from common.report import markdown_table, md_escape
     facts = list(dict.fromkeys(r["fact_id"] for s in studies for r in main_prompts(s["results"]["prompts"])))
     by_model = {s["model"]: {r["fact_id"]: r for r in main_prompts(s["results"]["prompts"])} for s in studies}
@@ -460,6 +472,7 @@ def write_comparison(cfg, studies) -> Path:
             f"![by depth]({figure})", "",
             "## Where each fact becomes top-1 for good (layer and depth %)", "",
             markdown_table(["fact"] + [s["model"] for s in studies], rows), ""]))
+        html_report.write_page(run, comparison)
     return run.final_path
 
 

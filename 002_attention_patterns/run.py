@@ -54,7 +54,7 @@ def main(cfg):
     import torch
 
     from common import attention as att
-    from common import report
+    from common import html_report, report
     from common.models import load_model
     from common.prompts import encode, target_token, token_strings
 
@@ -123,6 +123,7 @@ def main(cfg):
         run.write_json("config.json", report.run_config(cfg, model, EXPERIMENT))
         figures = draw_figures(run, results, patterns, masses, subject_mass, cfg.TOP_HEADS)
         run.write_text("report.md", write_report(results, patterns, masses, subject_mass, figures, model, cfg))
+        html_report.write_page(run, results)
     if not all(check["passed"] for check in checks):
         print("WARNING: a self-check failed; see report.md.", file=sys.stderr)
     return run.final_path

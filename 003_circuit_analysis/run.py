@@ -60,7 +60,7 @@ def load_prompt_list(cfg, tokenizer=None):
 def main(cfg):
     import torch
 
-    from common import attribution, report
+    from common import attribution, html_report, report
     from common.models import load_model
     from common.prompts import encode, target_token
 
@@ -112,6 +112,7 @@ def main(cfg):
         run.write_json("config.json", report.run_config(cfg, model, experiment))
         figures = draw_figures(run, results)
         run.write_text("report.md", write_report(results, figures, model, cfg))
+        html_report.write_page(run, results)
     if not all(check["passed"] for record in records for check in record["self_checks"]):
         print("WARNING: a self-check failed; see report.md.", file=sys.stderr)
     return run.final_path

@@ -92,6 +92,8 @@ def new_run_folder(out_dir: str | Path, model_slug: str):
             continue
     run.final_path = run.path = final
     print(f"Results: {final}", flush=True)
+    if (final / "report.html").exists():
+        print(f"Open in a browser: {final / 'report.html'}", flush=True)
 
 
 def git_commit() -> str:
@@ -145,6 +147,19 @@ def md_escape(text: str) -> str:
     """Token text safe inside a markdown table cell (newlines, pipes, spaces shown)."""
     shown = repr(str(text))[1:-1]  # '\n' -> '\\n', keeps leading spaces visible inside backticks
     return "`" + shown.replace("|", "\\|").replace("`", "'") + "`"
+
+
+VISIBLE = {" ": "\u2423", "\n": "\u21b5", "\t": "\u21e5", "\r": "\u240d"}  # ␣ ↵ ⇥ ␍
+
+
+def visible_token(text: str, spaces: bool = True) -> str:
+    """Token text with its whitespace shown: ' Paris' -> '␣Paris', '\\n' -> '↵', '' -> '∅'; other control
+    characters as escapes. For figure labels and report.html, where a bare space would be invisible.
+    spaces=False keeps spaces as they are (for whole prompts, which read better that way)."""
+    if text == "":
+        return "\u2205"
+    return "".join((ch if ch == " " and not spaces else VISIBLE.get(ch))
+                   or (repr(ch)[1:-1] if not ch.isprintable() else ch) for ch in str(text))
 
 
 def markdown_table(headers: list[str], rows: list[list]) -> str:
