@@ -216,17 +216,18 @@ def write_model_run(cfg, model, study) -> Path:
 
 def draw_figures(run, study) -> dict:
     """Heatmaps over layers x main prompts (target probability; top-1 token), and temperature curves."""
-    from common.report import curves, heatmap
+    import textwrap
+
+    from common.report import curves, heatmap, visible_token
     results = study["results"]
     records, name, lens_name = main_prompts(results["prompts"]), results["model"], results["lens"].upper()
-    labels = [r["prompt"][-40:] for r in records]
+    labels = [textwrap.fill(visible_token(r["prompt"], spaces=False), 60) for r in records]  # whole prompts
     layers = list(range(results["n_layers"] + 1))
     figures = {"target_prob": run.save_figure("target_prob_heatmap.png", heatmap(
         [[layer["target_prob"] for layer in r["layers"]] for r in records], labels, layers,
         f"{name}: target probability by layer ({lens_name} lens)", "p(target)", vmin=0, vmax=1,
         xlabel="layer", ylabel="prompt"))}
-    top_text = [[(layer["top_tokens"][0][0].strip() or repr(layer["top_tokens"][0][0])[1:-1])[:8]
-                 for layer in r["layers"]] for r in records]
+    top_text = [[visible_token(layer["top_tokens"][0][0]) for layer in r["layers"]] for r in records]
     figures["top_token"] = run.save_figure("top_token_heatmap.png", heatmap(
         [[layer["top_tokens"][0][1] for layer in r["layers"]] for r in records], labels, layers,
         f"{name}: top-1 token by layer ({lens_name} lens)", "p(top-1)", cell_text=top_text, vmin=0, vmax=1,
