@@ -3,19 +3,23 @@
 Checked: no script errors, no request other than the file itself, the prompts' target tokens on the page,
 the grids' sizes (layers, heads, positions) against results.json, and a real mouse hover over a cell that
 shows its tokens and values. Chromium is the Debian package `chromium` (.ci/run installs it); where no
-Chromium or Chrome is found (e.g. on a Mac without Chrome), these tests are skipped, saying why.
+Chromium or Chrome is found (e.g. on a Mac without Chrome), these tests are skipped, saying why. The last
+tests need no browser: the page's packed library and data round-trip, and no URL is in the page.
 """
+import base64
+import gzip
 import importlib.util
 import json
+import re
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
 from conftest import REPO
 
-from common.report import visible_token
+from common import html_report
+from common.report import RunFolder, visible_token
 
 
 def find_chromium() -> str | None:
@@ -27,8 +31,6 @@ def find_chromium() -> str | None:
 
 
 CHROMIUM = find_chromium()
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium or Chrome found: install the Debian package "
-                                                          "`chromium` (.ci/run does) to run the browser tests")
 
 
 def run_in_process(script: str, *args: str) -> Path:
@@ -74,6 +76,9 @@ def folders(tmp_path_factory, tiny_folders):
 
 @pytest.fixture(scope="module")
 def browser():
+    if CHROMIUM is None:
+        pytest.skip("no Chromium or Chrome found: install the Debian package `chromium` (.ci/run does) to run "
+                    "the browser tests")
     from playwright.sync_api import sync_playwright
     with sync_playwright() as playwright:
         # --no-sandbox: CI runs as root, where Chromium's sandbox refuses to start.
@@ -90,8 +95,8 @@ def open_page(browser, folder: Path):
     page.on("console", lambda msg: errors.append(f"console {msg.type}: {msg.text}") if msg.type == "error" else None)
     page.on("request", lambda request: requests.append(request.url))
     page.goto((folder / "report.html").as_uri())
-    page.wait_for_function("document.body.dataset.ready === '1' || "
-                           "document.getElementById('status')?.className === 'error'", timeout=30_000)
+    # (a selector, not wait_for_function: the page's Content-Security-Policy forbids the eval that one uses)
+    page.wait_for_selector("body[data-ready='1'], #status.error", state="attached", timeout=30_000)
     return page, errors, requests
 
 
@@ -131,6 +136,7 @@ def targets_of(name: str, results: dict) -> list[str]:
 
 @pytest.mark.parametrize("name", ["001", "001_comparison", "002", "003", "004"])
 def test_page_renders_offline_with_no_script_errors(browser, folders, name):
+    """The run's page: drawn, no script error, no request but the file, the prompts' targets shown."""
     folder = folders[name]
     html = (folder / "report.html").read_text()
     assert "http://" not in html and "https://" not in html  # the library and data are packed; no URL in the page
@@ -218,3 +224,49 @@ def test_004_grids_have_tokens_on_the_axes_and_every_site(browser, folders):
     assert grid_shape(page, "grid-exact") == (seq, n + 1)
     assert errors == []
     page.close()
+
+
+def test_001_shows_a_tuned_lens_when_results_have_one(browser, folders, tmp_path):
+    """Another lens per prompt (`tuned_layers`, same fields as `layers`) gets its own grid beside the others.
+    Hand-made: the tuned lens is the NORM lens' numbers with p(target) halved, so the grid must differ."""
+    results = results_of(folders["001"])
+    for prompt in results["prompts"]:
+        prompt["tuned_layers"] = [dict(layer, target_prob=layer["target_prob"] / 2) for layer in prompt["layers"]]
+    html_report.write_page(RunFolder(tmp_path), results)
+    page, errors, _ = open_page(browser, tmp_path)
+    assert errors == []
+    assert grid_shape(page, "grid-tuned") == (len(results["prompts"]), results["n_layers"] + 1)
+    z = page.evaluate("() => document.getElementById('grid-tuned').data[0].z")
+    for row, prompt in zip(z, results["prompts"]):  # the page rounds to 6 decimals, as the reports do
+        assert row == pytest.approx([round(layer["target_prob"], 6) for layer in prompt["tuned_layers"]], abs=1e-12)
+    page.close()
+
+
+# ----------------------------------------------------------------------------- without a browser (runs everywhere)
+
+
+def _unpack(html: str, element_id: str) -> str:
+    packed = re.search(rf'<script id="{element_id}"[^>]*>([^<]*)</script>', html).group(1)
+    return gzip.decompress(base64.b64decode(packed)).decode("utf-8")
+
+
+def test_the_page_packs_plotly_and_the_data_and_names_no_url(tmp_path):
+    results = {"experiment": "001_layers_and_logits", "model": "m", "n_layers": 1, "lens": "norm",
+               "prompts": [{"prompt": "The capital of France is", "target_token": " Paris", "tokens": ["The", "\n"],
+                            "format": "completion", "variant": 0, "probe": None,
+                            "layers": [{"top_tokens": [[" Paris", 0.25], ["<b>", 0.125]], "target_prob": 0.25,
+                                        "target_rank": 0, "entropy": 1.5, "kl_to_final": 0.1234567891}] * 2}]}
+    path = html_report.write_page(RunFolder(tmp_path), results)
+    html = path.read_text()
+    assert "http://" not in html and "https://" not in html
+    assert _unpack(html, "plotly-gz") == html_report.PLOTLY_FILE.read_text()
+    data = json.loads(_unpack(html, "data-gz"))
+    [prompt] = data["prompts"]
+    assert prompt["target"] == "␣Paris" and prompt["tokens"] == ["The", "↵"]
+    assert prompt["lenses"]["norm"]["top"][0] == [["␣Paris", 0.25], ["<b>", 0.125]]
+    assert prompt["lenses"]["norm"]["kl"][0] == 0.123457  # the reports' 6 decimals
+
+
+def test_visible_token():
+    assert visible_token(" Paris") == "␣Paris" and visible_token("\n") == "↵" and visible_token("") == "∅"
+    assert visible_token("a b\tc", spaces=False) == "a b⇥c" and visible_token("\x00") == "\\x00"

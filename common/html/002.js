@@ -19,7 +19,7 @@ function render(D, app) {
     const positions = range(p.tokens.length);
     const series = D.buckets.filter((t) => p.types.includes(t)).map((type) => {
       const at = positions.filter((i) => p.types[i] === type);
-      return {name: type, type: "bar", color: TYPE_COLOURS[type], x: at, y: at.map((i) => row[i]),
+      return {name: type, type: "bar", color: TYPE_COLOURS[type], width: 0.8, x: at, y: at.map((i) => row[i]),
               hover: at.map((i) => "position " + i + ": " + esc(p.tokens[i]) + "<br>type " + type +
                      (p.subject_positions.includes(i) ? " (subject)" : "") + "<br>attention " + fmt(row[i]))};
     });

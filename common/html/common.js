@@ -109,12 +109,13 @@ function chart(div, series, o) {
     const trace = {type: s.type || "scatter", name: s.name, x: s.x, y: s.y};
     if (!s.type) trace.mode = "lines+markers";
     if (s.color) trace.marker = {color: s.color};
+    if (s.width) trace.width = s.width;  // bars: the same width in every trace
     if (s.hover) Object.assign(trace, {customdata: s.hover, hovertemplate: "%{customdata}<extra></extra>"});
     return trace;
   });
   const layout = {
     title: {text: o.title || "", x: 0, xanchor: "left", font: {size: 14}},
-    width: o.width || 520, height: o.height || 340, margin: {l: 60, r: 20, t: 50, b: 60},
+    width: o.width || 520, height: o.height || 340, margin: {l: 60, r: 20, t: 70, b: 60},
     xaxis: Object.assign({title: {text: o.xtitle || ""}, automargin: true}, o.xaxis || {}),
     yaxis: {title: {text: o.ytitle || ""}, range: o.yrange, zeroline: true},
     barmode: o.barmode || "group", legend: {orientation: "h", y: -0.25}, hovermode: "closest",
