@@ -47,7 +47,9 @@ function render(D, app) {
               hover: a.map((x) => x.components.join(" ") + "<br>direct " + fmt(x.direct_effect, 4) + "<br>total " +
                      fmt(x.total_effect, 4))};
     });
-    chart(scatter, series.map((s) => Object.assign(s, {type: undefined})),
+    const all = series.flatMap((s) => s.x.concat(s.y)), low = Math.min(...all), high = Math.max(...all);
+    series.push({name: "total = direct", type: "scatter", x: [low, high], y: [low, high], color: "#999"});
+    chart(scatter, series.map((s, i) => Object.assign(s, {type: undefined, mode: i < 2 ? "markers" : "lines"})),
           {title: "single ablations: direct vs total effect", xtitle: "direct effect", ytitle: "total effect",
            width: 560, height: 460});
   };

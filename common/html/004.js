@@ -35,9 +35,13 @@ function render(D, app) {
         hover: z.map((r, y) => r.map((v, x) => esc(ylabels[y]) + "<br>" + (isHead ? "head " : isTrace &&
                site !== "trace_resid" ? "centre block " : "layer ") + x + "<br>" + (isTrace ? "p(clean answer) " :
                "value ") + fmt(v))),
-        zmin: isTrace ? 0 : -limit, zmax: isTrace ? 1 : limit, zmid: isTrace ? undefined : 0,
+        zmin: isTrace ? 0 : -limit, zmax: isTrace ? Math.max(p.trace.p_clean, ...z.flat()) : limit,
+        zmid: isTrace ? undefined : 0,
         colorscale: isTrace ? TRACE_COLOURS[site] : "RdBu", reversescale: isTrace, colorbar: isTrace ? "p(clean answer)" : "normalized logit diff",
-        title: method + ": " + site + (isTrace ? " (noised p " + fmt(p.trace.p_noised, 3) + ")" : ""),
+        title: isTrace ? "causal trace: restoring " + {trace_resid: "single residual states", trace_mlp:
+               "MLP outputs, window " + p.trace.window, trace_attn: "attention outputs, window " + p.trace.window}[site] +
+               " (clean p " + fmt(p.trace.p_clean, 3) + ", noised p " + fmt(p.trace.p_noised, 3) + ")" :
+               method + ": " + site + " patching, clean into corrupt",
         xtitle: isHead ? "head" : (site === "resid" || site === "trace_resid" ? "layer" : "block"),
         cellW: 30, cellH: 22});
     });

@@ -92,7 +92,7 @@ function heatmap(div, o) {
   if (o.text) Object.assign(trace, {text: o.text, texttemplate: "%{text}", textfont: {size: 11}});
   const layout = {
     title: {text: o.title || "", x: 0, xanchor: "left", font: {size: 14}},
-    width: left + 120 + cols * cellW, height: Math.max(300, 120 + rows * cellH),
+    width: Math.max(420, left + 120 + cols * cellW), height: Math.max(300, 120 + rows * cellH),
     margin: {l: left, r: 20, t: 50, b: 60},
     xaxis: {title: {text: o.xtitle || ""}, tickvals: range(cols), ticktext: o.xlabels.map(esc),
             tickangle: 0, side: "bottom", showgrid: false, zeroline: false, automargin: true},
@@ -103,11 +103,11 @@ function heatmap(div, o) {
   return Plotly.react(div, [trace], layout, CONFIG);
 }
 
-// Line or bar charts: series [{name, x, y, type?, hover?}], o: {title, xtitle, ytitle, yrange, width, height}.
+// Line or bar charts: series [{name, x, y, type?, mode?, color?, width?, hover?}], o: {title, xtitle, ytitle, yrange, width, height}.
 function chart(div, series, o) {
   const traces = series.map((s) => {
     const trace = {type: s.type || "scatter", name: s.name, x: s.x, y: s.y};
-    if (!s.type) trace.mode = "lines+markers";
+    if (!s.type) trace.mode = s.mode || "lines+markers";
     if (s.color) trace.marker = {color: s.color};
     if (s.width) trace.width = s.width;  // bars: the same width in every trace
     if (s.hover) Object.assign(trace, {customdata: s.hover, hovertemplate: "%{customdata}<extra></extra>"});
