@@ -5,7 +5,7 @@ the page needs, and writes one HTML file with the charting library, the glue scr
 inlined. Nothing is fetched: the page opens by double-click (Safari 16.4+, Chrome, Firefox) with no network.
 
 The charting library: plotly.js, the official "cartesian" partial bundle (common/vendor/, version and sha256
-in its README). Why plotly: it is one well-kept library (MIT, Plotly Inc., released monthly) that does
+in its README). Why plotly: it is one well-kept library (MIT, Plotly Inc., actively maintained) that does
 everything the pages need out of the box - heatmaps with text in the cells and a custom hover per cell,
 line and bar charts, click events to link charts - and it works from a single inlined file. The full bundle
 (plotly.min.js, ~4.6 MB, what `plotly` from pip inlines) would double the size of a run folder, and the lab
