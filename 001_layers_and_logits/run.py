@@ -162,11 +162,22 @@ def study_model(cfg, model) -> dict:
                              for t, s in by_temperature.items()],
             "self_check": base.check,
         })
+    add_other_lens(cfg, model, main_prompts(records))
     results = {"experiment": EXPERIMENT, "model": model.name, "n_layers": model.n_layers, "lens": lens_name,
                "prompts": records}
     checks = [lens_check_summary(records), temperature_rank_check(records)]
     return {"results": results, "checks": checks, "notes": notes, "model": model.name,
             "n_layers": model.n_layers, "slug": model.slug}
+
+
+def add_other_lens(cfg, model, records):
+    """The other lens (RAW under NORM, NORM under RAW) on these prompts, as `<lens>_layers` beside `layers`:
+    report.html shows the lenses side by side."""
+    from common import lens
+    from common.prompts import encode
+    for r in records:
+        sweep = lens.sweep(model, encode(model, r["prompt"]), r["target_token_id"], not cfg.USE_NORM_LENS, cfg.TOP_K)
+        r["raw_layers" if cfg.USE_NORM_LENS else "norm_layers"] = sweep[1.0].layer_records()
 
 
 def lens_check_summary(records) -> dict:
@@ -210,28 +221,30 @@ def final(record, key):
 
 
 def write_model_run(cfg, model, study) -> Path:
-    from common import report
+    from common import html_report, report
     with report.new_run_folder(cfg.OUT_DIR, model.slug) as run:
         run.write_json("results.json", study["results"])
         run.write_json("config.json", report.run_config(cfg, model, EXPERIMENT))
         figures = draw_figures(run, study)
         run.write_text("report.md", write_report(cfg, study, figures, model))
+        html_report.write_page(run, study["results"])
     return run.final_path
 
 
 def draw_figures(run, study) -> dict:
     """Heatmaps over layers x main prompts (target probability; top-1 token), and temperature curves."""
-    from common.report import curves, heatmap
+    import textwrap
+
+    from common.report import curves, heatmap, visible_token
     results = study["results"]
     records, name, lens_name = main_prompts(results["prompts"]), results["model"], results["lens"].upper()
-    labels = [r["prompt"][-40:] for r in records]
+    labels = [textwrap.fill(visible_token(r["prompt"], spaces=False), 60) for r in records]  # whole prompts
     layers = list(range(results["n_layers"] + 1))
     figures = {"target_prob": run.save_figure("target_prob_heatmap.png", heatmap(
         [[layer["target_prob"] for layer in r["layers"]] for r in records], labels, layers,
         f"{name}: target probability by layer ({lens_name} lens)", "p(target)", vmin=0, vmax=1,
         xlabel="layer", ylabel="prompt"))}
-    top_text = [[(layer["top_tokens"][0][0].strip() or repr(layer["top_tokens"][0][0])[1:-1])[:8]
-                 for layer in r["layers"]] for r in records]
+    top_text = [[visible_token(layer["top_tokens"][0][0]) for layer in r["layers"]] for r in records]
     figures["top_token"] = run.save_figure("top_token_heatmap.png", heatmap(
         [[layer["top_tokens"][0][1] for layer in r["layers"]] for r in records], labels, layers,
         f"{name}: top-1 token by layer ({lens_name} lens)", "p(top-1)", cell_text=top_text, vmin=0, vmax=1,
@@ -431,7 +444,7 @@ def section_every_layer(records, n_layers) -> list[str]:
 
 def write_comparison(cfg, studies) -> Path:
     """One report comparing the models: resolution depth % per prompt, curves against depth %."""
-    from common import report
+    from common import html_report, report
     from common.report import markdown_table, md_escape
     facts = list(dict.fromkeys(r["fact_id"] for s in studies for r in main_prompts(s["results"]["prompts"])))
     by_model = {s["model"]: {r["fact_id"]: r for r in main_prompts(s["results"]["prompts"])} for s in studies}
@@ -477,6 +490,7 @@ def write_comparison(cfg, studies) -> Path:
             f"![by depth]({figure})", "",
             "## Where each fact becomes top-1 for good (layer and depth %)", "",
             markdown_table(["fact"] + [s["model"] for s in studies], rows), ""]))
+        html_report.write_page(run, comparison)
     return run.final_path
 
 

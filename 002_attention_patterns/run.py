@@ -55,7 +55,7 @@ def main(cfg):
     import torch
 
     from common import attention as att
-    from common import report
+    from common import html_report, report
     from common.models import load_model
     from common.prompts import encode, target_token, token_strings
 
@@ -124,6 +124,7 @@ def main(cfg):
         run.write_json("config.json", report.run_config(cfg, model, EXPERIMENT))
         figures = draw_figures(run, results, patterns, masses, subject_mass, cfg.TOP_HEADS)
         run.write_text("report.md", write_report(results, patterns, masses, subject_mass, figures, model, cfg))
+        html_report.write_page(run, results)
     report.finish_run(run.final_path, findings(results), [c["name"] for c in checks if not c["passed"]])
     return run.final_path
 
@@ -160,7 +161,8 @@ def prompt_record(record, pattern, mass, subject_mass, blocks, kv_of, local, n_l
 
 def token_labels(record) -> list[str]:
     """'<token> [E]' per position: the token text and its type letter (S marks the sink)."""
-    return [f"{repr(tok)[1:-1]} [{SHORT[bucket]}]" for tok, bucket in zip(record["tokens"], record["buckets"])]
+    from common.report import visible_token
+    return [f"{visible_token(tok)} [{SHORT[bucket]}]" for tok, bucket in zip(record["tokens"], record["buckets"])]
 
 
 def draw_figures(run, results, patterns, masses, subject_mass, top_heads) -> dict:
@@ -200,7 +202,7 @@ def draw_figures(run, results, patterns, masses, subject_mass, top_heads) -> dic
     ax.legend(bbox_to_anchor=(1.01, 1), loc="upper left")
     figures["by_type"] = run.save_figure("mass_by_type_per_layer.png", fig)
 
-    # The top heads' full patterns, one figure per prompt, token labels on both axes.
+    # The top heads' full patterns, one figure per prompt: token labels on the first panel only, one colour bar.
     top = results["head_ranking"][:top_heads]
     figures["top_heads"] = []
     for p, record in enumerate(results["prompts"]):
@@ -209,15 +211,17 @@ def draw_figures(run, results, patterns, masses, subject_mass, top_heads) -> dic
         labels = token_labels(record)
         size = min(1.2 + 0.28 * len(labels), 14)  # inches per panel; long prompts get smaller labels
         font = 7 if len(labels) <= 40 else max(2, 280 // len(labels))
-        fig, axes = plt.subplots(1, len(top), figsize=(min(size * len(top), 60), size + 0.6), squeeze=False)
+        fig, axes = plt.subplots(1, len(top), figsize=(min(size * len(top) + 2, 60), size + 1.2), squeeze=False,
+                                 sharey=True, layout="constrained")
         for ax, head in zip(axes[0], top):
             b = results["layers"].index(head["layer"])
-            ax.imshow(patterns[p][b, head["head"]].numpy(), vmin=0, vmax=1, cmap="viridis")
+            image = ax.imshow(patterns[p][b, head["head"]].numpy(), vmin=0, vmax=1, cmap="viridis")
             ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=font)
-            ax.set_yticks(range(len(labels)), labels, fontsize=font)
             ax.set_title(f"L{head['layer']} H{head['head']} (kv {head['kv_head']})", fontsize=9)
             ax.set_xlabel("key (attended to)", fontsize=8)
+        axes[0][0].set_yticks(range(len(labels)), labels, fontsize=font)
         axes[0][0].set_ylabel("query", fontsize=8)
+        fig.colorbar(image, ax=axes[0].tolist(), label="attention weight", shrink=0.8)
         fig.suptitle(f"{name}: top subject heads on {record['prompt']!r}", fontsize=10)
         figures["top_heads"].append(run.save_figure(f"top_heads_prompt{p}.png", fig))
     return figures

@@ -62,7 +62,7 @@ def load_prompt_list(cfg, tokenizer=None):
 def main(cfg):
     import torch
 
-    from common import attribution, report
+    from common import attribution, html_report, report
     from common.models import load_model
     from common.prompts import encode, target_token
 
@@ -110,6 +110,7 @@ def main(cfg):
         run.write_json("config.json", report.run_config(cfg, model, experiment))
         figures = draw_figures(run, results)
         run.write_text("report.md", write_report(results, figures, model, cfg))
+        html_report.write_page(run, results)
     failed = [c["name"] for record in records for c in record["self_checks"] if not c["passed"]]
     report.finish_run(run.final_path, findings(results), failed)
     return run.final_path

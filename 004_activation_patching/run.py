@@ -75,7 +75,7 @@ def check_toggles(cfg) -> list[dict]:
 def main(cfg):
     import torch
 
-    from common import report
+    from common import html_report, report
     from common.models import load_model
     from common.patching import embedding_std, encode_pair
 
@@ -107,6 +107,7 @@ def main(cfg):
         run.write_json("config.json", report.run_config(cfg, model, EXPERIMENT))
         figures = draw_figures(run, results)
         run.write_text("report.md", write_report(results, figures, model))
+        html_report.write_page(run, results)
     failed = [c["name"] for r in records for c in r["self_checks"] if not c["passed"]]
     report.finish_run(run.final_path, findings(results), failed)
     return run.final_path

@@ -184,6 +184,19 @@ def md_escape(text: str) -> str:
     return "`" + shown.replace("|", "\\|").replace("`", "'") + "`"
 
 
+VISIBLE = {" ": "\u2423", "\n": "\u21b5", "\t": "\u21e5", "\r": "\u240d"}  # ␣ ↵ ⇥ ␍
+
+
+def visible_token(text: str, spaces: bool = True) -> str:
+    """Token text with its whitespace shown: ' Paris' -> '␣Paris', '\\n' -> '↵', '' -> '∅'; other control
+    characters as escapes. For figure labels and report.html, where a bare space would be invisible.
+    spaces=False keeps spaces as they are (for whole prompts, which read better that way)."""
+    if text == "":
+        return "\u2205"
+    return "".join((ch if ch == " " and not spaces else VISIBLE.get(ch))
+                   or (repr(ch)[1:-1] if not ch.isprintable() else ch) for ch in str(text))
+
+
 def markdown_table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
@@ -206,24 +219,28 @@ def check_lines(checks: list[dict]) -> str:
 def heatmap(matrix, row_labels: list[str], col_labels: list[str], title: str, colorbar_label: str = "",
             cell_text: list[list[str]] | None = None, cmap: str = "viridis", vmin=None, vmax=None,
             xlabel: str = "", ylabel: str = ""):
-    """A labelled heatmap figure. matrix: [rows, cols]; cell_text (optional): a string per cell."""
+    """A labelled heatmap figure. matrix: [rows, cols]; cell_text (optional): a string per cell, written in
+    full and horizontally (the columns widen to the longest; pass visible_token(...) strings)."""
     import numpy as np
     data = np.asarray(matrix, dtype=float)
     rows, cols = data.shape
-    fig, ax = plt.subplots(figsize=(min(2 + 0.45 * cols, 30), min(1.5 + 0.4 * rows, 30)))
+    column = 0.45 if cell_text is None else max(0.45, 0.062 * max(len(t) for r in cell_text for t in r) + 0.12)
+    lines = max(str(r).count("\n") + 1 for r in row_labels) if rows else 1
+    fig, ax = plt.subplots(figsize=(min(2 + column * cols, 45), min(1.5 + (0.25 + 0.15 * lines) * rows, 30)))
     image = ax.imshow(data, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
-    ax.set_xticks(range(cols), [str(c) for c in col_labels], rotation=90 if cols > 12 else 0, fontsize=8)
+    ax.set_xticks(range(cols), [str(c) for c in col_labels], rotation=90 if cols > 12 and cell_text is None else 0,
+                  fontsize=8)
     ax.set_yticks(range(rows), [str(r) for r in row_labels], fontsize=8)
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    fig.colorbar(image, ax=ax, label=colorbar_label, fraction=0.03)
+    fig.colorbar(image, ax=ax, label=colorbar_label, fraction=0.03 if cell_text is None else 0.015, pad=0.01)
     if cell_text is not None:
         low, high = np.nanmin(data), np.nanmax(data)
         middle = (low + high) / 2
         for r in range(rows):
             for c in range(cols):
-                ax.text(c, r, cell_text[r][c], ha="center", va="center", fontsize=6, rotation=90,
+                ax.text(c, r, cell_text[r][c], ha="center", va="center", fontsize=7,
                         color="black" if data[r, c] > middle else "white")
     return fig
 
