@@ -64,7 +64,7 @@ def folders(tmp_path_factory, tiny_folders):
     comparison = run_in_process("001_layers_and_logits/run.py", f"--OUT_DIR={out / '001'}",
                                 f"--MODELS={json.dumps([llama, gemma2])}", f"--PROMPTS_FILE={prompts}",
                                 "--TEMPERATURES=[1.0]", "--TOP_K=3")
-    [model_001] = list((out / "001" / "llama").iterdir())
+    [model_001] = [p for p in (out / "001" / "llama").iterdir() if not p.is_symlink()]
     return {"001": model_001, "001_comparison": comparison,
             "002": run_in_process("002_attention_patterns/run.py", f"--OUT_DIR={out / '002'}", f"--MODEL={llama}",
                                   f"--PROMPTS_FILE={prompts}", "--TOP_HEADS=2", "--DEPTH_RANGE=[0.0, 1.0]"),

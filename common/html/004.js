@@ -34,7 +34,7 @@ function render(D, app) {
       heatmap(div, {z: z, xlabels: xlabels, ylabels: ylabels,
         hover: z.map((r, y) => r.map((v, x) => esc(ylabels[y]) + "<br>" + (isHead ? "head " : isTrace &&
                site !== "trace_resid" ? "centre block " : "layer ") + x + "<br>" + (isTrace ? "p(clean answer) " :
-               "value ") + fmt(v))),
+               "value ") + (v === null ? "not run (EXACT='top' ran the cells attribution ranked highest)" : fmt(v)))),
         zmin: isTrace ? 0 : -limit, zmax: isTrace ? Math.max(p.trace.p_clean, ...z.flat()) : limit,
         zmid: isTrace ? undefined : 0,
         colorscale: isTrace ? TRACE_COLOURS[site] : "RdBu", reversescale: isTrace, colorbar: isTrace ? "p(clean answer)" : "normalized logit diff",
