@@ -194,8 +194,9 @@ def crop_cache(cache, length: int) -> bool:
     refuses (transformers raises ValueError); a cache whose layers still disagree afterwards is refused too.
     """
     try:
-        if any(n > length for n in cache_layer_lengths(cache)):
-            cache.crop(length)
+        for layer in cache.layers:  # layer by layer: a sliding-window layer that needs no cut is left alone
+            if hasattr(layer, "get_seq_length") and layer.get_seq_length() > length:
+                layer.crop(length)
     except ValueError:
         return False
     return set(cache_layer_lengths(cache)) == {length}
