@@ -5,8 +5,12 @@ as they are generated and stop at the model's end-of-turn token (for SmolLM2 `<|
 never printed. A base model without a chat template continues each message as plain text.
 
 Commands: /reset, /temp 0.7, /system <text>, /lens (the last answer's first token at each key layer
-under the NORM lens, as in 001), /help, /quit. Ctrl-D or Ctrl-C leave. Set PROMPT to answer one message
-and exit (for scripts). When you leave, the transcript is saved in OUT_DIR/<model>/<time>/.
+under the NORM lens, as in 001), /help, /quit. Ctrl-C stops an answer and returns to the prompt; Ctrl-C
+at the prompt, /quit or Ctrl-D leave. Set PROMPT to answer one message and exit (for scripts). When you
+leave, the transcript is saved in OUT_DIR/<model>/<time>/ and the chat says where.
+
+The model keeps its KV cache (the keys and values of every token it has read) from turn to turn, so
+each turn reads only the new message, and answers start quickly however long the conversation gets.
 
 Run:   python 000_basic_chat/run.py
        python 000_basic_chat/run.py --PROMPT="What is the capital of France?"
@@ -66,7 +70,9 @@ def main(cfg):
 
 
 def chat_loop(session):
-    """Read messages and /commands until /quit, Ctrl-D (end of input) or Ctrl-C."""
+    """Read messages and /commands until /quit, Ctrl-D (end of input) or Ctrl-C at the prompt.
+
+    Ctrl-C during an answer is caught inside session.ask (the answer stops, the chat goes on)."""
     from common.chat import QUIT
     if sys.stdin.isatty():
         try:
@@ -96,7 +102,7 @@ def chat_loop(session):
             except LabError as exc:  # e.g. a message longer than the context: say so and go on
                 print(f"Error: {exc}", file=sys.stderr, flush=True)
             print(flush=True)
-    except KeyboardInterrupt:  # Ctrl-C: leave without a traceback, keeping what was said
+    except KeyboardInterrupt:  # Ctrl-C at the prompt: leave without a traceback, keeping what was said
         print("\n(Ctrl-C: leaving.)", flush=True)
 
 
@@ -129,6 +135,8 @@ def save_transcript(cfg, session):
     failed = [c["name"] for c in checks if not c["passed"]]
     if failed:
         print(f"WARNING: self-check failed: {'; '.join(failed)} (see report.md).", file=sys.stderr)
+    print(f"Transcript written to {run.final_path / 'report.md'} (numbers in results.json beside it).",
+          file=sys.stderr)
     return run.final_path
 
 

@@ -10,6 +10,12 @@ Nothing here reads a terminal: text goes to file-like objects, so tests drive it
 
 A model with a chat template gets multi-turn chat through that template; a base model (no template)
 gets plain continuation of each message on its own.
+
+The KV cache is kept across turns (KeptCache): each turn the whole conversation is rendered through the
+template, and only the tokens the cache does not already hold are read ("prefilled"); greedy answers are
+the tokens plain `generate` gives on the whole conversation (tested). Ctrl-C during an answer stops that
+answer (ChatSession.ask catches the KeyboardInterrupt), keeps what was said, and cuts the cache back to
+what it holds consistently.
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from transformers import TextStreamer
+from transformers import DynamicCache, TextStreamer
 
 from . import lens
 from .errors import LabError
@@ -35,7 +41,7 @@ HELP = """Commands:
   /system <text>  set the system prompt (/system alone shows it)
   /lens           the last answer's first token at each key layer, under the NORM lens
   /help           this list
-  /quit           leave (Ctrl-D and Ctrl-C leave too)"""
+  /quit           leave (Ctrl-D leaves too; Ctrl-C stops an answer, and at the prompt leaves)"""
 
 QUIT = object()  # returned by ChatSession.command when the user asks to leave
 
@@ -162,6 +168,77 @@ def drop_oldest_turns(conversation: Conversation, n_tokens, budget: int) -> int:
     return dropped
 
 
+# ----------------------------------------------------------------------------- the KV cache kept across turns
+
+
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    """How many ids two sequences share from their start."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def cache_layer_lengths(cache) -> list[int]:
+    """The number of positions each attention layer of a transformers Cache has seen (for sliding-window
+    layers: seen, not held). Differs between layers only when a forward pass was cut short (Ctrl-C)."""
+    return [layer.get_seq_length() for layer in cache.layers if hasattr(layer, "get_seq_length")]
+
+
+def crop_cache(cache, length: int) -> bool:
+    """Cut `cache` in place to its first `length` positions; False when it cannot be (then drop it).
+
+    A sliding-window layer that has seen more tokens than its window has forgotten the early ones and
+    refuses (transformers raises ValueError); a cache whose layers still disagree afterwards is refused too.
+    """
+    try:
+        for layer in cache.layers:  # layer by layer: a sliding-window layer that needs no cut is left alone
+            if hasattr(layer, "get_seq_length") and layer.get_seq_length() > length:
+                layer.crop(length)
+    except ValueError:
+        return False
+    return set(cache_layer_lengths(cache)) == {length}
+
+
+@dataclass
+class KeptCache:
+    """A KV cache (a transformers DynamicCache) kept between turns, and the token ids it holds, in order.
+
+    Invariant: cache positions 0..len(ids)-1 hold the keys and values of `ids` in every layer.
+    """
+    config: object  # the model's (text) config, to build a fresh DynamicCache like generate() does
+    cache: object = None  # DynamicCache or None
+    ids: list[int] = field(default_factory=list)
+
+    def for_prompt(self, prompt: list[int]) -> tuple[object, int]:
+        """The cache to pass to generate() with the full `prompt` ids, and how many of them it already holds.
+
+        Keeps the longest prefix the cache shares with `prompt` (at least one prompt token is left to read,
+        as generate() needs), or starts a fresh cache when nothing is shared or the cut is impossible.
+        """
+        n = min(common_prefix_length(self.ids, prompt), len(prompt) - 1)
+        if self.cache is None or n == 0 or not crop_cache(self.cache, n):
+            self.cache, n = DynamicCache(config=self.config), 0
+        self.ids = list(prompt[:n])
+        return self.cache, n
+
+    def keep(self, ids: list[int]):
+        """After generate() (finished or cut short): `ids` = prompt + generated ids, as far as they are known.
+
+        The cache holds every id except the last generated one (sampled, never read back); after Ctrl-C its
+        layers may disagree by one forward pass. Cut back to what every layer holds, or drop it.
+        """
+        n = min(cache_layer_lengths(self.cache) or [0])
+        if n > len(ids) or n == 0 or not crop_cache(self.cache, n):
+            return self.drop()
+        self.ids = list(ids[:n])
+
+    def drop(self):
+        self.cache, self.ids = None, []
+
+
 # ----------------------------------------------------------------------------- streaming generation
 
 
@@ -177,10 +254,15 @@ class ReplyStreamer(TextStreamer):
         self.stop_ids = set(stop_ids)
         self.out = out
         self.printed = ""
+        self.new_ids: list[int] = []  # every generated id so far, stop ids included (what Ctrl-C leaves)
+        self.first_token_at: float | None = None  # time.perf_counter() when the first answer token came
 
     def put(self, value):
         if self.next_tokens_are_prompt:  # the prompt comes first; TextStreamer skips it
             return super().put(value)
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        self.new_ids += value.reshape(-1).tolist()
         kept = [t for t in value.reshape(-1).tolist() if t not in self.stop_ids]
         if kept:
             super().put(torch.tensor(kept))
@@ -198,8 +280,11 @@ class Reply:
     printed: str  # what the streamer wrote (must equal `text`)
     prompt_ids: torch.Tensor  # [1, prompt_len], what the model read
     new_ids: list[int]  # every generated id, the final end-of-turn id included when there was one
-    ended_turn: bool  # True: stopped at an end-of-turn id; False: stopped at MAX_NEW_TOKENS
+    ended_turn: bool  # True: stopped at an end-of-turn id; False: stopped at MAX_NEW_TOKENS (or Ctrl-C)
     seconds: float  # wall time of generate(), prefill included
+    first_token_seconds: float | None  # from calling generate() to the first answer token (None: none came)
+    n_cached: int = 0  # prompt tokens the kept KV cache already held (not read again)
+    interrupted: bool = False  # True: Ctrl-C stopped the answer; `text` is what came before
 
     @property
     def tokens_per_s(self) -> float:
@@ -217,25 +302,39 @@ def sampling_kwargs(temperature: float, top_p: float) -> dict:
 
 
 def generate_reply(model, prompt_ids: torch.Tensor, stop_ids: list[int], max_new_tokens: int,
-                   temperature: float = 0.0, top_p: float = 1.0, out=None) -> Reply:
+                   temperature: float = 0.0, top_p: float = 1.0, out=None, kept: KeptCache | None = None) -> Reply:
     """Generate one answer with the HF model (KV cache on), streaming its text to `out` as it forms.
 
-    prompt_ids: [1, prompt_len]. Stops at any of `stop_ids` (never shown) or after max_new_tokens.
+    prompt_ids: [1, prompt_len], the whole conversation. Stops at any of `stop_ids` (never shown) or after
+    max_new_tokens. With `kept`, generate() gets the full ids and the kept cache and reads only the ids the
+    cache lacks; afterwards `kept` holds the cache of prompt + answer. Ctrl-C (KeyboardInterrupt) stops the
+    answer: the Reply has interrupted=True and the text so far, and `kept` is cut back to a consistent cache.
     """
     out = out if out is not None else sys.stdout
     streamer = ReplyStreamer(model.tokenizer, stop_ids, out)
     ids = prompt_ids.to(model.device)
+    cache, n_cached = kept.for_prompt(ids[0].tolist()) if kept is not None else (None, 0)
     pad_id = getattr(model.hf_model.generation_config, "pad_token_id", None)
+    interrupted = False
     start = time.perf_counter()
-    generated = model.hf_model.generate(
-        ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
-        pad_token_id=stop_ids[0] if pad_id is None else pad_id, use_cache=True, streamer=streamer,
-        **sampling_kwargs(temperature, top_p))
+    generated = None
+    try:
+        generated = model.hf_model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
+            pad_token_id=stop_ids[0] if pad_id is None else pad_id, use_cache=True, past_key_values=cache,
+            streamer=streamer, **sampling_kwargs(temperature, top_p))
+    except KeyboardInterrupt:  # Ctrl-C: keep what was said so far
+        interrupted = True
+        streamer.end()  # print the words still held back, then a newline
     seconds = time.perf_counter() - start
-    new_ids = generated[0, ids.shape[1]:].tolist()
+    # After Ctrl-C only the streamer knows what was generated (it sees every id, in order).
+    new_ids = streamer.new_ids if generated is None else generated[0, ids.shape[1]:].tolist()
+    if kept is not None:
+        kept.keep(prompt_ids[0].tolist() + new_ids)
     ended = bool(new_ids) and new_ids[-1] in stop_ids
     text = model.tokenizer.decode([t for t in new_ids if t not in stop_ids], **DECODE)
-    return Reply(text, streamer.printed, prompt_ids.cpu(), new_ids, ended, seconds)
+    first = streamer.first_token_at - start if streamer.first_token_at is not None else None
+    return Reply(text, streamer.printed, prompt_ids.cpu(), new_ids, ended, seconds, first, n_cached, interrupted)
 
 
 # ----------------------------------------------------------------------------- the lens on an answer
@@ -284,10 +383,11 @@ class ChatSession:
     """A conversation with one model: answers stream to `out`, one-line notes go to `notes`.
 
     `history` records every answer and /lens reading, for the run's results.json and report.md.
+    keep_cache=False re-reads the whole conversation every turn (what the chat did before; the bench's baseline).
     """
 
     def __init__(self, model, system: str = "", temperature: float = 0.0, top_p: float = 1.0,
-                 max_new_tokens: int = 256, out=None, notes=None):
+                 max_new_tokens: int = 256, out=None, notes=None, keep_cache: bool = True):
         if max_new_tokens >= model.context_length:
             raise LabError(f"MAX_NEW_TOKENS={max_new_tokens} leaves no room for the conversation in "
                            f"{model.name}'s context of {model.context_length} tokens: lower it.")
@@ -301,6 +401,11 @@ class ChatSession:
         self.last: Reply | None = None
         self.history: list[dict] = []
         self._told = set()  # one-time notes already given
+        # A base model has no memory between messages, so nothing to keep; a generation config that picks
+        # its own cache type (generate() refuses a cache passed beside it) re-reads the conversation too.
+        own_cache = getattr(model.hf_model.generation_config, "cache_implementation", None) not in (None, "hybrid")
+        self.kept = (KeptCache(model.hf_model.config.get_text_config(decoder=True))
+                     if keep_cache and self.uses_template and not own_cache else None)
 
     @property
     def stop_tokens(self) -> list[str]:
@@ -349,29 +454,42 @@ class ChatSession:
         return encode(self.model, text)
 
     def ask(self, message: str) -> Reply:
-        """Answer one user message: stream the answer to `out` and keep the exchange in the conversation."""
+        """Answer one user message: stream the answer to `out` and keep the exchange in the conversation.
+
+        Ctrl-C during the answer stops it; what was said so far is kept (in the conversation too, so the
+        model knows what it said) and marked interrupted.
+        """
         if not message.strip():
             raise LabError("The message is empty: type some text.")
         ids = self.prompt_ids(message)
         reply = generate_reply(self.model, ids, self.stop_ids, self.max_new_tokens, self.temperature, self.top_p,
-                               self.out)
-        if not reply.text.strip():
+                               self.out, self.kept)
+        if reply.interrupted:
+            self.note("(Ctrl-C: answer stopped; what it said so far is kept. Ctrl-C again or /quit leaves.)")
+        elif not reply.text.strip():
             self.note("(The model ended its turn without saying anything.)")
-        if not reply.ended_turn:
+        elif not reply.ended_turn:
             self.note(f"(Stopped at MAX_NEW_TOKENS={self.max_new_tokens}.)")
-        if self.uses_template:
+        if self.uses_template and (reply.text.strip() or not reply.interrupted):
             self.conversation.turns.append((message, reply.text))
-        self.last = reply
+        if reply.new_ids:
+            self.last = reply
+        self._record(message, reply)
+        return reply
+
+    def _record(self, message: str, reply: Reply):
+        """Add an answer to `history` (results.json)."""
         shown_stop_texts = sum(reply.printed.count(t) for t in self.stop_tokens if t)
         self.history.append({"kind": "answer", "user": message, "answer": reply.text,
                              "printed_equals_answer": reply.printed == reply.text,
                              "end_of_turn_texts_printed": shown_stop_texts,
                              "temperature": self.temperature, "top_p": self.top_p,
-                             "system": self.conversation.system, "n_prompt_tokens": int(ids.shape[1]),
+                             "system": self.conversation.system, "n_prompt_tokens": int(reply.prompt_ids.shape[1]),
+                             "n_cached_prompt_tokens": reply.n_cached,
                              "n_new_tokens": len(reply.new_ids), "new_ids": reply.new_ids,
-                             "ended_turn": reply.ended_turn,
-                             "seconds": reply.seconds, "tokens_per_s": reply.tokens_per_s})
-        return reply
+                             "ended_turn": reply.ended_turn, "interrupted": reply.interrupted,
+                             "seconds": reply.seconds, "first_token_seconds": reply.first_token_seconds,
+                             "tokens_per_s": reply.tokens_per_s})
 
     # ---- commands
 
@@ -386,6 +504,8 @@ class ChatSession:
         if name == "/reset":
             self.conversation.turns.clear()
             self.last = None
+            if self.kept is not None:
+                self.kept.drop()  # free its memory now (the next prompt would not share it anyway)
             self.history.append({"kind": "reset"})
             return "New conversation."
         if name == "/temp":
@@ -452,10 +572,12 @@ def transcript_markdown(session: ChatSession) -> str:
         if h["kind"] == "reset":
             lines += ["---", "*(/reset: new conversation)*", ""]
         elif h["kind"] == "answer":
-            how = "end of turn" if h["ended_turn"] else "MAX_NEW_TOKENS"
+            how = "Ctrl-C" if h["interrupted"] else "end of turn" if h["ended_turn"] else "MAX_NEW_TOKENS"
+            first = "" if h["first_token_seconds"] is None else f", first token after {h['first_token_seconds']:.2f} s"
             lines += [f"**you:** {h['user']}", "",
                       f"**model** (temperature {h['temperature']:g}; {h['n_prompt_tokens']} prompt tokens, "
-                      f"{h['n_new_tokens']} new, stopped at {how}, {h['tokens_per_s']:.1f} tokens/s):", "",
+                      f"{h['n_cached_prompt_tokens']} of them from the kept cache; {h['n_new_tokens']} new, "
+                      f"stopped at {how}{first}, {h['tokens_per_s']:.1f} tokens/s):", "",
                       "```text", h["answer"], "```", ""]
         elif h["kind"] == "lens":
             rows = [[r["layer"], f"{r['depth']:.0%}", md_escape(r["top_token"]), r["top_prob"], r["token_prob"],

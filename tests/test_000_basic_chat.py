@@ -12,8 +12,9 @@ import time
 import pytest
 import torch
 
-from common.chat import (QUIT, ChatSession, Conversation, ReplyStreamer, drop_oldest_turns, end_of_turn_ids,
-                         generate_reply, render_chat, template_end_of_turn_id)
+from common.chat import (QUIT, ChatSession, Conversation, KeptCache, ReplyStreamer, cache_layer_lengths,
+                         common_prefix_length, crop_cache, drop_oldest_turns, end_of_turn_ids, generate_reply,
+                         render_chat, template_end_of_turn_id)
 from common.errors import LabError
 from conftest import REPO, run_script
 
@@ -164,8 +165,9 @@ def _read_into(stream, sink: list):
         sink.append(char)
 
 
-def test_ctrl_c_leaves_cleanly_and_keeps_finished_answers(tmp_path):
-    """Ctrl-C in the middle of a streaming answer: no traceback, exit 0, the finished exchange is saved."""
+def test_ctrl_c_stops_an_answer_and_a_second_ctrl_c_leaves(tmp_path):
+    """A real SIGINT in the middle of a streaming answer: the answer stops, the chat goes on (from the kept
+    cache); a second SIGINT at the prompt leaves with exit 0, no traceback, and the transcript saved."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     process = subprocess.Popen([sys.executable, str(REPO / SCRIPT), f"--OUT_DIR={tmp_path}", "--MAX_NEW_TOKENS=200"],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -175,24 +177,36 @@ def test_ctrl_c_leaves_cleanly_and_keeps_finished_answers(tmp_path):
                threading.Thread(target=_read_into, args=(process.stderr, stderr), daemon=True)]
     for reader in readers:
         reader.start()
+
+    def wait_for(condition, what: str):
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and process.poll() is None and not condition("".join(stdout).split(PROMPT)):
+            time.sleep(0.05)
+        assert process.poll() is None, f"the chat ended while waiting for {what}: {''.join(stderr)[-2000:]}"
+        assert condition("".join(stdout).split(PROMPT)), f"timed out waiting for {what}"
+
     process.stdin.write("What is the capital of France?\nWrite a long story about a dragon.\n")
     process.stdin.flush()
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and process.poll() is None:  # wait for the story to start streaming
-        shown = "".join(stdout).split(PROMPT)
-        if len(shown) >= 3 and len(shown[2]) > 10:
-            break
-        time.sleep(0.05)
-    assert process.poll() is None, "".join(stderr)
-    process.send_signal(signal.SIGINT)
+    wait_for(lambda shown: len(shown) >= 3 and len(shown[2]) > 10, "the story to stream")
+    process.send_signal(signal.SIGINT)  # first Ctrl-C: stops the story
+    wait_for(lambda shown: len(shown) >= 4, "the prompt after the stopped story")
+    process.stdin.write("What is the capital of Germany?\n")
+    process.stdin.flush()
+    wait_for(lambda shown: len(shown) >= 5, "the prompt after the next answer")
+    process.send_signal(signal.SIGINT)  # second Ctrl-C, at the prompt: leaves
     assert process.wait(timeout=60) == 0
     for reader in readers:
         reader.join(timeout=10)
     stdout, stderr = "".join(stdout), "".join(stderr)
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
-    assert "(Ctrl-C: leaving.)" in stdout
+    assert "answer stopped" in stderr and stdout.rstrip().endswith("(Ctrl-C: leaving.)")
     said = answers(read_results(tmp_path))
-    assert [h["user"] for h in said] == ["What is the capital of France?"]  # the cut answer is not kept
+    assert [h["user"] for h in said] == ["What is the capital of France?", "Write a long story about a dragon.",
+                                         "What is the capital of Germany?"]
+    assert [h["interrupted"] for h in said] == [False, True, False]
+    assert said[1]["answer"] and said[1]["answer"] in stdout.split(PROMPT)[2]  # kept as it was printed
+    assert said[2]["n_cached_prompt_tokens"] > said[1]["n_prompt_tokens"]  # read only the new turn
+    assert f"Transcript written to {only_run_folder(tmp_path) / 'report.md'}" in stderr
 
 
 def test_base_model_continues_text_and_says_so_once(tmp_path):
@@ -389,4 +403,176 @@ def test_long_conversation_drops_oldest_turns(tiny_llama, monkeypatch, capsys):
     said = [h for h in chat.history if h["kind"] == "answer"]
     assert len(said) == 6 and said[-1]["user"] == "short"
     assert all(h["n_prompt_tokens"] <= 256 - 8 for h in said)
+    assert "Traceback" not in captured.err
+
+
+# ----------------------------------------------------------------------------- the KV cache kept across turns
+
+
+TURNS = ["What is the capital of France?", "And of Germany?", "Write a haiku about Berlin.", "Count to five."]
+
+
+def plain_generate(model, chat: ChatSession, prompt_ids: torch.Tensor, max_new_tokens: int) -> list[int]:
+    """Greedy ids from plain HF generate() on the whole conversation: a fresh cache, everything read."""
+    out = model.hf_model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), do_sample=False,
+                                  max_new_tokens=max_new_tokens, eos_token_id=chat.stop_ids,
+                                  pad_token_id=chat.stop_ids[0])
+    return out[0, prompt_ids.shape[1]:].tolist()
+
+
+def assert_cache_holds(model, kept):
+    """The kept cache holds, in every layer, the keys and values a fresh forward pass over kept.ids gives."""
+    assert kept.cache is not None and kept.ids
+    fresh = model.hf_model(torch.tensor([kept.ids]), use_cache=True).past_key_values
+    assert len(fresh.layers) == len(kept.cache.layers)
+    for ours, theirs in zip(kept.cache.layers, fresh.layers):
+        assert ours.keys.shape == theirs.keys.shape
+        assert torch.allclose(ours.keys, theirs.keys, atol=1e-4) and torch.allclose(ours.values, theirs.values,
+                                                                                     atol=1e-4)
+
+
+def test_kept_cache_reads_only_the_new_turn_and_answers_like_hf_generate(embedded):
+    chat = session(embedded, max_new_tokens=24)
+    previous = None
+    for message in TURNS:
+        reply = chat.ask(message)
+        assert reply.new_ids == plain_generate(embedded, chat, reply.prompt_ids, 24)
+        if previous is not None:  # the whole previous prompt and answer came from the cache
+            assert reply.n_cached == previous.prompt_ids.shape[1] + len(previous.new_ids) - 1
+            # ... that is the previous prompt and answer, its end-of-turn token as the template writes it
+            assert (reply.prompt_ids[0, :reply.n_cached + 1].tolist()
+                    == previous.prompt_ids[0].tolist() + previous.new_ids)
+        assert_cache_holds(embedded, chat.kept)
+        assert len(chat.kept.ids) == reply.prompt_ids.shape[1] + len(reply.new_ids) - 1
+        previous = reply
+    said = answers({"history": chat.history})
+    assert [h["n_cached_prompt_tokens"] > 0 for h in said] == [False, True, True, True]
+
+
+def test_kept_cache_on_tiny_models_answers_like_hf_generate(tiny):
+    """Every architecture (Gemma-2's sliding window of 64 is outgrown by turn 3) and SmolLM2's template."""
+    chat = session(tiny, max_new_tokens=12)
+    for message in TURNS[:3]:
+        reply = chat.ask(message)
+        assert reply.new_ids == plain_generate(tiny, chat, reply.prompt_ids, 12)
+    assert chat.kept.ids == [] or set(cache_layer_lengths(chat.kept.cache)) == {len(chat.kept.ids)}
+
+
+def test_a_template_that_rewrites_earlier_turns_falls_back_to_reading_everything(embedded):
+    """Like Qwen3's template dropping earlier thinking blocks: the cached ids stop being a prefix of the new
+    prompt. Here the template starts with the number of messages, so the prompts differ from their start."""
+    template = embedded.tokenizer.chat_template
+    embedded.tokenizer.chat_template = "{{ messages | length }} messages\n" + template
+    try:
+        chat = session(embedded, max_new_tokens=12)
+        for message in TURNS[:3]:
+            reply = chat.ask(message)
+            assert reply.n_cached == 0
+            assert reply.new_ids == plain_generate(embedded, chat, reply.prompt_ids, 12)
+    finally:
+        embedded.tokenizer.chat_template = template
+
+
+def test_system_prompt_change_and_reset_keep_only_what_still_matches(embedded):
+    chat = session(embedded, max_new_tokens=12)
+    chat.ask(TURNS[0])
+    first_prompt = chat.last.prompt_ids[0].tolist()
+    chat.command("/system Answer in French.")  # changes the prompt a few tokens in: only that much is reused
+    reply = chat.ask(TURNS[1])
+    assert 0 < reply.n_cached == common_prefix_length(first_prompt, reply.prompt_ids[0].tolist()) < 10
+    assert reply.new_ids == plain_generate(embedded, chat, reply.prompt_ids, 12)
+    chat.command("/temp 0.5")  # sampling settings do not touch the cache
+    assert len(chat.kept.ids) == reply.prompt_ids.shape[1] + len(reply.new_ids) - 1
+    chat.command("/reset")
+    assert chat.kept.cache is None and chat.kept.ids == []
+
+
+def test_crop_cache_and_prefix(embedded):
+    assert common_prefix_length([1, 2, 3], [1, 2, 4, 5]) == 2 and common_prefix_length([], [1]) == 0
+    kept = KeptCache(embedded.hf_model.config)
+    ids = embedded.tokenizer("The capital of France is Paris.").input_ids
+    cache, n = kept.for_prompt(ids)
+    assert n == 0 and cache.get_seq_length() == 0  # nothing kept yet: a fresh cache
+    embedded.hf_model(torch.tensor([ids]), past_key_values=cache, use_cache=True)
+    kept.keep(ids + [0])  # as after generate(): the last id was never read
+    assert kept.ids == ids
+    cache, n = kept.for_prompt(ids)  # the same prompt again: one token is left for generate() to read
+    assert n == len(ids) - 1 and cache_layer_lengths(cache) == [n] * embedded.n_layers
+    assert_cache_holds(embedded, kept)
+    assert crop_cache(cache, 2) and cache.get_seq_length() == 2
+    assert not crop_cache(cache, 5)  # it cannot grow back
+
+
+# ----------------------------------------------------------------------------- Ctrl-C during an answer
+
+
+class CtrlCAt:
+    """A forward hook on one decoder layer that raises KeyboardInterrupt (as Ctrl-C does) on its n-th call:
+    in the middle of a forward pass, so the layers before it have written one more position than the rest."""
+
+    def __init__(self, model, call: int, layer: int = 10):
+        self.calls, self.call = 0, call
+        self.handle = model.hf_model.model.layers[layer].register_forward_hook(self)
+
+    def __call__(self, module, args, output):
+        self.calls += 1
+        if self.calls == self.call:
+            self.handle.remove()
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_stops_the_answer_keeps_it_and_the_cache_stays_right(embedded):
+    out = io.StringIO()
+    chat = ChatSession(embedded, max_new_tokens=48, out=out, notes=io.StringIO())
+    chat.ask(TURNS[0])
+    CtrlCAt(embedded, call=8)  # 1 prefill + 6 steps done: 7 tokens generated, the 8th forward cut
+    reply = chat.ask("Write a long story about a dragon.")
+    assert reply.interrupted and not reply.ended_turn and len(reply.new_ids) == 7
+    assert reply.text and reply.printed == reply.text and out.getvalue().endswith(reply.text + "\n")
+    assert chat.conversation.turns[-1] == ("Write a long story about a dragon.", reply.text)
+    assert chat.history[-1]["interrupted"] and "Ctrl-C" in chat.notes.getvalue()
+    # The cache was cut back to what every layer holds: prompt + 6 answer tokens, identical to a fresh read.
+    assert chat.kept.ids == reply.prompt_ids[0].tolist() + reply.new_ids[:6]
+    assert_cache_holds(embedded, chat.kept)
+    after = chat.ask(TURNS[1])  # the chat goes on, from the kept cache, like plain generate
+    assert after.n_cached > reply.prompt_ids.shape[1] and not after.interrupted
+    assert after.new_ids == plain_generate(embedded, chat, after.prompt_ids, 48)
+
+
+def test_ctrl_c_before_the_first_token_keeps_nothing(embedded):
+    chat = session(embedded, max_new_tokens=16)
+    first = chat.ask(TURNS[0])
+    CtrlCAt(embedded, call=1)  # during the prefill
+    reply = chat.ask(TURNS[1])
+    assert reply.interrupted and reply.new_ids == [] and reply.first_token_seconds is None
+    assert chat.conversation.turns == [(TURNS[0], first.text)] and chat.last is first
+    assert chat.kept.ids == [] or len(chat.kept.ids) <= reply.prompt_ids.shape[1]
+    if chat.kept.ids:
+        assert_cache_holds(embedded, chat.kept)
+    assert chat.ask(TURNS[1]).new_ids == plain_generate(embedded, chat, chat.last.prompt_ids, 16)
+
+
+def test_chat_loop_ctrl_c_stops_an_answer_then_leaves_at_the_prompt(embedded, monkeypatch, capsys):
+    """run.py's loop without a terminal: Ctrl-C in an answer returns to the prompt; Ctrl-C there leaves."""
+    typed = iter(["Write a long story about a dragon.", "What is the capital of France?", KeyboardInterrupt,
+                  "never read"])
+
+    def fake_input(prompt):
+        print(prompt, end="")
+        item = next(typed)
+        if item is KeyboardInterrupt:
+            raise KeyboardInterrupt
+        return item
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))  # not a terminal
+    chat = ChatSession(embedded, max_new_tokens=24)  # writes to the real stdout/stderr, captured by capsys
+    CtrlCAt(embedded, call=5)
+    load_run_module().chat_loop(chat)
+    captured = capsys.readouterr()
+    said = [h for h in chat.history if h["kind"] == "answer"]
+    assert [h["interrupted"] for h in said] == [True, False]
+    assert "Paris" in said[1]["answer"] and said[1]["n_cached_prompt_tokens"] > 0
+    assert "answer stopped" in captured.err and captured.out.rstrip().endswith("(Ctrl-C: leaving.)")
+    assert captured.out.count(PROMPT) == 3 and next(typed) == "never read"
     assert "Traceback" not in captured.err
