@@ -2,31 +2,17 @@
 an answer starts late in a conversation when the chat keeps its KV cache instead of re-reading everything."""
 import io
 import sys
-import time
+
+from timing import interleaved_times
 
 MESSAGE = "Write a long story about a dragon who learns to fly."
 NEW_TOKENS = 48
 
 
-def interleaved_times(functions: dict, repeats: int = 5, warmup: int = 1) -> dict:
-    """Wall times of each function over `repeats` calls, timed in turns (a, b, a, b, ...) after `warmup`
-    calls each. In turns, so that a busy machine slows all of them alike."""
-    for _ in range(warmup):
-        for fn in functions.values():
-            fn()
-    times = {name: [] for name in functions}
-    for _ in range(repeats):
-        for name, fn in functions.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
 def interleaved_fastest(functions: dict, repeats: int = 5) -> dict:
     """The fastest of interleaved_times: other programs only ever add time (on a shared 2-core machine the
     median of the same code varied ~20%)."""
-    return {name: min(ts) for name, ts in interleaved_times(functions, repeats).items()}
+    return {name: min(ts) for name, ts in interleaved_times(functions, repeats, warmup=1).items()}
 
 
 def chat_tokens_per_s_vs_hf_generate() -> float:

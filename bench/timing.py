@@ -20,12 +20,9 @@ def median_seconds(fn, repeats: int = 7, warmup: int = 2) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def alternating_medians(functions: dict, repeats: int = 7, warmup: int = 2) -> dict:
-    """Median wall time of each function, timed in turns (a, b, a, b, ...) after `warmup` turns.
-
-    In turns, so that a busy machine slows every side alike; medians, so that one interruption does not
-    decide. Returns {name: seconds}.
-    """
+def interleaved_times(functions: dict, repeats: int = 7, warmup: int = 2) -> dict:
+    """Wall times of each function over `repeats` calls, timed in turns (a, b, a, b, ...) after `warmup`
+    turns: a busy machine then slows every side alike. Returns {name: [seconds, ...]}."""
     for _ in range(warmup):
         for fn in functions.values():
             fn()
@@ -35,7 +32,13 @@ def alternating_medians(functions: dict, repeats: int = 7, warmup: int = 2) -> d
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
+    return times
+
+
+def alternating_medians(functions: dict, repeats: int = 7, warmup: int = 2) -> dict:
+    """Median wall time of each function, timed in turns (interleaved_times): one interruption does not
+    decide. Returns {name: seconds}."""
+    return {name: sorted(ts)[len(ts) // 2] for name, ts in interleaved_times(functions, repeats, warmup).items()}
 
 
 def run_python(code: str, env: dict | None = None) -> tuple[float, int]:
