@@ -13,7 +13,9 @@ Then the same question from several sides:
   direction         - the same fact asked both ways, and options listed in both orders (probes.json);
   temperature       - the distributions divided by T: confidence changes, ranks do not;
   paraphrases       - other wordings of each fact, so one lucky wording is not taken for the model;
-  models by depth % - several models on the same prompts, compared at the same fraction of depth.
+  models by depth % - several models on the same prompts, compared at the same fraction of depth;
+  tuned lens        - (USE_TUNED_LENS) a trained affine translator per layer before the NORM lens, which
+                      removes the logit lens's assumption that every layer speaks the final layer's basis.
 
 Run:   python 001_layers_and_logits/run.py            (or `make run`)
 Help:  python 001_layers_and_logits/run.py --help
@@ -27,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # so `common` i
 MODEL = None  # one model to study: embedded name, Hugging Face id (e.g. "Qwen/Qwen3-8B"), folder or .gguf; None = MODELS
 MODELS = ["smollm2-135m", "gemma3-270m"]  # used when MODEL is None: run in turn, then compared by depth %
 USE_NORM_LENS = True  # apply the final norm before unembedding (False = RAW residual)
+USE_TUNED_LENS = False  # also show the tuned lens (a trained translator per layer; trained on first use, ~10 min, then cached)
 PROMPTS_FILE = None  # None = this folder's facts; else a JSON list of {"prompt": ..., "target": ...}, used verbatim
 PROMPT_FORMAT = "all"  # how the facts are asked: "completion", "qa", "chat" or "all" (chat needs a chat template)
 PARAPHRASES = True  # also run the other wordings of each fact (completion format)
@@ -144,6 +147,10 @@ def study_model(cfg, model) -> dict:
     encoded = [(p, encode(model, p.text), target_token(model.tokenizer, p.text, p.target)) for p in prompts]
     temperatures = sorted(set(float(t) for t in cfg.TEMPERATURES) | {1.0})
     lens_name = "norm" if cfg.USE_NORM_LENS else "raw"
+    trained = None
+    if cfg.USE_TUNED_LENS:
+        from common import tuned_lens
+        trained = tuned_lens.load_or_train(model)
     records = []
     for prompt, ids, target in progress(encoded, f"{model.name}: {lens_name.upper()} lens, {model.n_layers + 1} "
                                                  "layers", unit="prompt"):
@@ -162,10 +169,15 @@ def study_model(cfg, model) -> dict:
                              for t, s in by_temperature.items()],
             "self_check": base.check,
         })
+        if trained:
+            records[-1].update(tuned_lens.prompt_fields(model, trained, ids, target.token_id, cfg.TOP_K))
     add_other_lens(cfg, model, main_prompts(records))
     results = {"experiment": EXPERIMENT, "model": model.name, "n_layers": model.n_layers, "lens": lens_name,
                "prompts": records}
     checks = [lens_check_summary(records), temperature_rank_check(records)]
+    if trained:
+        results["tuned_lens"] = trained.summary()
+        checks.append(lens_check_summary(records, "tuned_self_check"))
     return {"results": results, "checks": checks, "notes": notes, "model": model.name,
             "n_layers": model.n_layers, "slug": model.slug}
 
@@ -180,12 +192,12 @@ def add_other_lens(cfg, model, records):
         r["raw_layers" if cfg.USE_NORM_LENS else "norm_layers"] = sweep[1.0].layer_records()
 
 
-def lens_check_summary(records) -> dict:
+def lens_check_summary(records, key="self_check") -> dict:
     """The per-prompt lens self-checks (kept in results.json) as one line: the worst prompt decides."""
-    worst = max(records, key=lambda r: r["self_check"]["max_abs_diff"] - r["self_check"]["tolerance"])
-    failed = sum(not r["self_check"]["passed"] for r in records)
-    return dict(worst["self_check"], passed=failed == 0,
-                name=f"NORM lens at the last layer == model logits, all {len(records)} prompts "
+    worst = max(records, key=lambda r: r[key]["max_abs_diff"] - r[key]["tolerance"])
+    failed = sum(not r[key]["passed"] for r in records)
+    return dict(worst[key], passed=failed == 0,
+                name=f"{worst[key]['name']}, all {len(records)} prompts "
                      f"({failed} failed; worst: {worst['prompt'][-40:]!r})")
 
 
@@ -232,23 +244,18 @@ def write_model_run(cfg, model, study) -> Path:
 
 
 def draw_figures(run, study) -> dict:
-    """Heatmaps over layers x main prompts (target probability; top-1 token), and temperature curves."""
-    import textwrap
-
-    from common.report import curves, heatmap, visible_token
+    """Heatmaps over layers x main prompts (target probability; top-1 token), and temperature curves;
+    with the tuned lens, its heatmaps and the held-out KL of both lenses."""
+    from common.report import curves
     results = study["results"]
     records, name, lens_name = main_prompts(results["prompts"]), results["model"], results["lens"].upper()
-    labels = [textwrap.fill(visible_token(r["prompt"], spaces=False), 60) for r in records]  # whole prompts
     layers = list(range(results["n_layers"] + 1))
-    figures = {"target_prob": run.save_figure("target_prob_heatmap.png", heatmap(
-        [[layer["target_prob"] for layer in r["layers"]] for r in records], labels, layers,
-        f"{name}: target probability by layer ({lens_name} lens)", "p(target)", vmin=0, vmax=1,
-        xlabel="layer", ylabel="prompt"))}
-    top_text = [[visible_token(layer["top_tokens"][0][0]) for layer in r["layers"]] for r in records]
-    figures["top_token"] = run.save_figure("top_token_heatmap.png", heatmap(
-        [[layer["top_tokens"][0][1] for layer in r["layers"]] for r in records], labels, layers,
-        f"{name}: top-1 token by layer ({lens_name} lens)", "p(top-1)", cell_text=top_text, vmin=0, vmax=1,
-        xlabel="layer", ylabel="prompt"))
+    figures = lens_heatmaps(run, records, name, "layers", lens_name, "")
+    if "tuned_lens" in results:
+        from common.tuned_lens import heldout_kl_figure
+        figures.update(lens_heatmaps(run, records, name, "tuned_layers", "tuned", "tuned_"))
+        figures["heldout_kl"] = run.save_figure("tuned_heldout_kl.png", heldout_kl_figure(
+            results["tuned_lens"]["heldout_kl"], f"{name}: held-out KL to the final layer, NORM vs tuned lens"))
     series = {"target_prob": [], "entropy": []}
     for i, temperature in enumerate(t["temperature"] for t in records[0]["temperatures"]):
         for key in series:
@@ -258,6 +265,26 @@ def draw_figures(run, study) -> dict:
         [{"ylabel": "mean p(target)", "series": series["target_prob"], "ylim": (0, 1)},
          {"ylabel": "mean entropy (nats)", "series": series["entropy"]}],
         f"{name}: temperature rescales confidence, not ranks (main prompts)", "layer"))
+    return figures
+
+
+def lens_heatmaps(run, records, name, key, lens_name, prefix) -> dict:
+    """Target probability and top-1 token heatmaps of one lens (`key`: "layers" or "tuned_layers"): whole
+    prompts as labels, full top-1 tokens written horizontally with whitespace made visible."""
+    import textwrap
+
+    from common.report import heatmap, visible_token
+    labels = [textwrap.fill(visible_token(r["prompt"], spaces=False), 60) for r in records]
+    layers = list(range(len(records[0][key])))
+    figures = {f"{prefix}target_prob": run.save_figure(f"{prefix}target_prob_heatmap.png", heatmap(
+        [[layer["target_prob"] for layer in r[key]] for r in records], labels, layers,
+        f"{name}: target probability by layer ({lens_name} lens)", "p(target)", vmin=0, vmax=1,
+        xlabel="layer", ylabel="prompt"))}
+    top_text = [[visible_token(layer["top_tokens"][0][0]) for layer in r[key]] for r in records]
+    figures[f"{prefix}top_token"] = run.save_figure(f"{prefix}top_token_heatmap.png", heatmap(
+        [[layer["top_tokens"][0][1] for layer in r[key]] for r in records], labels, layers,
+        f"{name}: top-1 token by layer ({lens_name} lens)", "p(top-1)", cell_text=top_text, vmin=0, vmax=1,
+        xlabel="layer", ylabel="prompt"))
     return figures
 
 
@@ -275,6 +302,7 @@ def write_report(cfg, study, figures, model) -> str:
     out += section_key_layers(records, results["n_layers"])
     out += section_resolution(records)
     out += [f"![target probability]({figures['target_prob']})", "", f"![top-1 token]({figures['top_token']})", ""]
+    out += section_tuned_lens(results, figures) if "tuned_lens" in results else []
     out += section_formats(records)
     out += section_direction(records)
     out += section_temperature(records, figures["temperature"])
@@ -335,6 +363,26 @@ def section_resolution(records) -> list[str]:
             "the entropy most.", "",
             markdown_table(["prompt", "target", "final p", "final rank", "top-1 for good", "p > 0.5", "entropy drop"],
                            rows), ""]
+
+
+def section_tuned_lens(results, figures) -> list[str]:
+    """The tuned lens beside the NORM lens: held-out KL by layer, resolution depth under each, heatmaps."""
+    from common.lens import key_layers
+    from common.report import markdown_table, md_escape
+    info, n = results["tuned_lens"], results["n_layers"]
+    kl_rows = [[layer, f"{100 * layer / n:.0f}%", info["heldout_kl"]["norm"][layer], info["heldout_kl"]["tuned"][layer]]
+               for layer in key_layers(n)]
+    rows = [[md_escape(r["prompt"]), md_escape(r["target_token"])] + resolution_cells(r["resolution"])[:2]
+            + resolution_cells(r["tuned_resolution"])[:2] for r in main_prompts(results["prompts"])]
+    return ["## Tuned lens beside the NORM lens", "",
+            f"A learned affine translator per layer before the final norm and unembedding (common/tuned_lens.py), "
+            f"trained on {md_escape(info['trained_on'])}. Mean KL(final || lens) in nats on the held-out text:", "",
+            markdown_table(["layer", "depth", "NORM lens", "tuned lens"], kl_rows), "",
+            f"![held-out KL]({figures['heldout_kl']})", "", "Resolution depth under each lens (main prompts):", "",
+            markdown_table(["prompt", "target", f"{results['lens'].upper()} top-1 for good",
+                            f"{results['lens'].upper()} p > 0.5", "tuned top-1 for good", "tuned p > 0.5"], rows), "",
+            f"![tuned target probability]({figures['tuned_target_prob']})", "",
+            f"![tuned top-1 token]({figures['tuned_top_token']})", ""]
 
 
 def section_formats(records) -> list[str]:

@@ -15,11 +15,12 @@ from .checks import check, tolerance
 
 
 @torch.no_grad()
-def residual_stream(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def residual_stream(model, input_ids: torch.Tensor, all_positions: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the model once and keep the residual stream of every layer at the last position.
 
     model: a LoadedModel. input_ids: [1, seq].
-    Returns (resid [n_layers + 1, d_model], logits [vocab]) at the last position, in the model's dtype.
+    Returns (resid [n_layers + 1, d_model], logits [vocab]) at the last position, in the model's dtype;
+    with all_positions, every position: (resid [n_layers + 1, seq, d_model], logits [seq, vocab]).
     Read from HF's own `output_hidden_states` rather than bridge hooks: the same numbers (tested), and
     no hook points to run. HF's last hidden state already has the final norm applied, so the residual
     entering the final norm is caught with a forward pre-hook.
@@ -27,20 +28,24 @@ def residual_stream(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch
     captured = {}
     handle = model.final_norm.register_forward_pre_hook(lambda module, args: captured.update(resid=args[0]))
     try:
-        out = model.hf_model(input_ids.to(model.device), output_hidden_states=True, logits_to_keep=1)
+        out = model.hf_model(input_ids.to(model.device), output_hidden_states=True,
+                             logits_to_keep=0 if all_positions else 1)
     finally:
         handle.remove()
     layers = list(out.hidden_states[: model.n_layers]) + [captured["resid"]]
+    if all_positions:
+        return torch.stack([h[0] for h in layers]), out.logits[0]
     return torch.stack([h[0, -1] for h in layers]), out.logits[0, -1]
 
 
-def unembed(model, resid: torch.Tensor, use_norm: bool) -> torch.Tensor:
+def unembed(model, resid: torch.Tensor, use_norm: bool, grad: bool = False) -> torch.Tensor:
     """Logits that the model would give if `resid` were its last residual stream.
 
     resid: [..., d_model] -> logits [..., vocab], float32.
     use_norm: apply the model's final norm first (NORM lens) or not (RAW lens).
+    grad: let gradients flow back to `resid` (the tuned lens trains through this; common/tuned_lens.py).
     """
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         x = resid.to(model.device, model.dtype)
         if use_norm:
             x = model.final_norm(x)
