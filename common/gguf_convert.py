@@ -17,6 +17,7 @@ import json
 import math
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 CONVERT_FORMAT = 1  # bump when converted folders must be rebuilt
@@ -120,9 +121,10 @@ def _write_tensor(f, entry: dict, dtype):
     if not entry["rows_only"]:  # small tensors: exactly transformers' path (float32, processor, cast)
         weights = entry["processor"].process(weights=dequantize(tensor.data, tensor.tensor_type),
                                              name=tensor.name).weights
-        out = torch.from_numpy(np.ascontiguousarray(weights)).to(dtype).reshape(shape)
+        out = torch.from_numpy(np.array(weights, copy=True)).to(dtype).reshape(shape)
         f.write(out.contiguous().view(torch.uint8).numpy().tobytes())
         return
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # read-only: never written
     step = max(1, ROWS_BYTES // (4 * shape[1]))
     blocks = []
     for start in range(0, shape[0], step):

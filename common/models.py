@@ -288,10 +288,12 @@ def gguf_facts(gguf: Path) -> dict:
     """{"key", "model_type", "n_params"} of a GGUF: read from its metadata once, then from a small file in
     the cache (reading a GGUF's metadata takes seconds: its tokenizer is parsed in Python)."""
     from .gguf_convert import content_key
-    key = f"{slugify(gguf.stem)}-{content_key(gguf)}"
+    content = content_key(gguf)
+    known = sorted(_converted_root().glob(f"*-{content}.json"))  # the same content under any name or folder
+    if known:
+        return json.loads(known[0].read_text())
+    key = f"{slugify(gguf.stem)}-{content}"
     facts_file = _converted_root() / f"{key}.json"
-    if facts_file.exists():
-        return json.loads(facts_file.read_text())
     config = _read_gguf_config(gguf)
     facts = {"key": key, "model_type": config.model_type, "n_params": parameter_count(config)}
     facts_file.parent.mkdir(parents=True, exist_ok=True)
@@ -347,7 +349,7 @@ def dequantized_folder(gguf: Path, architecture: str | None = None, dtype_name: 
     _say(f"Converting {gguf.name} to {dtype_name} (first use only, {need / 1e9:.1f} GB; later starts read the "
          f"cache in {folder.parent})...")
     try:
-        convert(gguf, folder, config, dtype_name, lambda tmp: _gguf_tokenizer(gguf, config).save_pretrained(tmp))
+        convert(gguf, folder, config, dtype_name, lambda tmp: _save_gguf_tokenizer(gguf, config, tmp))
     except OSError as exc:
         raise LabError(f"Converting {gguf.name} failed ({exc.strerror or exc}): nothing was cached; free disk "
                        f"space in {folder.parent} (or set LAB_CACHE_DIR) and run again.") from None
@@ -362,13 +364,17 @@ def _causal_lm_class(config) -> str:
     return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]
 
 
-def _gguf_tokenizer(gguf: Path, config):
-    """The tokenizer of a GGUF (Gemma's rebuilt: transformers 5.9 splits its words into characters)."""
+def _save_gguf_tokenizer(gguf: Path, config, folder: Path):
+    """Save the tokenizer of a GGUF (Gemma's rebuilt: transformers 5.9 splits its words into characters);
+    a GGUF without one (a bare stand-in) gets none."""
+    from gguf import GGUFReader
     from transformers import AutoTokenizer
+    if "tokenizer.ggml.tokens" not in GGUFReader(gguf).fields:
+        return
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     if config.model_type in GEMMA_MODEL_TYPES:
         tokenizer = gemma_tokenizer_from_gguf(gguf, getattr(tokenizer, "chat_template", None))
-    return tokenizer
+    tokenizer.save_pretrained(folder)
 
 
 # ----------------------------------------------------------------------------- Hugging Face Hub
@@ -511,16 +517,18 @@ def memory_plan(config, dtype, device: str, max_memory_gb: float | None) -> Memo
     if device == "cuda" and torch.cuda.device_count() > 1:
         caps = None if max_memory_gb is None else {i: int(max_memory_gb * 1e9) for i in range(torch.cuda.device_count())}
         return MemoryPlan("auto", caps, n_layers=config.num_hidden_layers)
-    sizes = module_sizes(config, dtype)
+    from accelerate.utils import compute_module_sizes
+    meta = meta_model(config)
+    sizes = compute_module_sizes(meta, dtype=dtype)
     if max_memory_gb is None or sizes[""] <= max_memory_gb * 1e9:
         return MemoryPlan(device, n_layers=config.num_hidden_layers)
-    layers = [name for name in sizes if re.fullmatch(r"model\.layers\.\d+", name)]
-    fixed = [name for name in sizes if name.count(".") <= 1 and name not in layers and name not in ("", "model",
-                                                                                                   "model.layers")]
+    layers = [f"model.layers.{i}" for i in range(len(meta.model.layers))]
+    fixed = ([f"model.{name}" for name, _ in meta.model.named_children() if name != "layers"]
+             + [name for name, _ in meta.named_children() if name != "model"])
     budget = max_memory_gb * 1e9 - sum(sizes[name] for name in fixed)
     ram = available_memory_bytes("cpu") * 0.8 if device != "cpu" else 0
     device_map, offloaded = dict.fromkeys(fixed, device), {}
-    for name in sorted(layers, key=lambda n: int(n.rsplit(".", 1)[1])):
+    for name in layers:
         where = device if budget >= sizes[name] else "cpu" if ram >= sizes[name] else "disk"
         budget -= sizes[name] if where == device else 0
         ram -= sizes[name] if where == "cpu" else 0
