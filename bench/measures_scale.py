@@ -23,10 +23,12 @@ def _standin() -> dict:
     """Build the stand-in (bfloat16, with the embedded SmolLM2 tokenizer) in a temporary folder, once."""
     if not _work:
         from common.models import EMBEDDED_MODELS, dequantized_folder, embedded_gguf_path
-        from common.standins import build_standin, weight_bytes
+        from common.standins import weight_bytes
         root = Path(tempfile.mkdtemp(prefix="bench-scale-"))
         tokenizer = dequantized_folder(embedded_gguf_path("smollm2-135m"), EMBEDDED_MODELS["smollm2-135m"].architecture)
-        build_standin(STANDIN, root / "standin", "bfloat16", LAYERS, tokenizer_folder=tokenizer)
+        # Built in a child process, so this one stays small while the measured processes run.
+        run_python(f"from common.standins import build_standin; build_standin({STANDIN!r}, {str(root / 'standin')!r}, "
+                   f"'bfloat16', {LAYERS}, tokenizer_folder={str(tokenizer)!r})")
         _, bare = run_python("import torch, transformers")
         _work.update(root=root, folder=root / "standin", bare=bare, weights=weight_bytes(STANDIN, LAYERS))
         import atexit
@@ -35,9 +37,13 @@ def _standin() -> dict:
 
 
 def scale_load_peak_rss_vs_weights() -> float:
-    """Peak RSS of load_model on the stand-in (cpu, bfloat16) / (16-bit weights + bare torch+transformers)."""
+    """Peak RSS of load_model on the stand-in (cpu, bfloat16) and one 3-token forward / (16-bit weights + bare
+    torch+transformers). The forward is included because the weights are memory-mapped: loading alone reads
+    almost nothing (measured 0.18), the first forward pages every layer in."""
     work = _standin()
-    _, peak = run_python(f"from common.models import load_model; load_model({str(work['folder'])!r}, 'cpu', 'bfloat16')",
+    _, peak = run_python(f"import torch; from common.models import load_model; "
+                         f"m = load_model({str(work['folder'])!r}, 'cpu', 'bfloat16'); "
+                         f"torch.set_grad_enabled(False); m.hf_model(torch.tensor([[1, 2, 3]]))",
                          {"HF_HUB_OFFLINE": "1"})
     return peak / (work["weights"] + work["bare"])
 
@@ -69,8 +75,9 @@ def gguf_convert_peak_rss_vs_weights() -> float:
     the 16-bit weight bytes."""
     work = _standin()
     if "gguf" not in work:
-        from common.standins import write_llama_gguf
-        work["gguf"] = write_llama_gguf(work["folder"], work["root"] / "standin.Q8_0.gguf", "Q8_0")
+        work["gguf"] = work["root"] / "standin.Q8_0.gguf"
+        run_python(f"from common.standins import write_llama_gguf; "
+                   f"write_llama_gguf({str(work['folder'])!r}, {str(work['gguf'])!r}, 'Q8_0')")
     code = (f"from pathlib import Path; from common.models import dequantized_folder; "
             f"dequantized_folder(Path({str(work['gguf'])!r}), dtype_name='float16')")
     _, peak = run_python(code, {"HF_HUB_OFFLINE": "1", "LAB_CACHE_DIR": str(work["root"] / "cache")})
