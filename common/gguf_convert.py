@@ -181,23 +181,23 @@ def needed_disk_bytes(config, dtype_name: str, n_params: int) -> int:
 def convert(gguf: Path, folder: Path, config, dtype_name: str, save_tokenizer):
     """Write a transformers folder for `gguf` into `folder`: config, generation config, weights, tokenizer.
 
-    `save_tokenizer(tmp)` writes the tokenizer (the caller knows the Gemma fix). Everything goes to a
+    `save_tokenizer(tmp)` writes the tokenizer (the caller knows the Gemma fix), when the GGUF has one. Everything goes to a
     temporary sibling folder renamed at the end; any failure or Ctrl-C removes it and re-raises.
     """
     from gguf import GGUFReader
     from transformers import GenerationConfig
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
     tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
-        parsed = load_gguf_checkpoint(str(gguf), return_tensors=False)["config"]
         reader = GGUFReader(gguf)
-        write_weights(reader, _tensor_plan(reader, config, parsed), tmp, dtype_name)
+        # The processors read head counts under transformers' names, as the config has them.
+        write_weights(reader, _tensor_plan(reader, config, config.to_dict()), tmp, dtype_name)
         config.dtype = dtype_name
         config.save_pretrained(tmp)
         GenerationConfig.from_model_config(config).save_pretrained(tmp)
-        save_tokenizer(tmp)
+        if "tokenizer.ggml.tokens" in reader.fields:  # a bare stand-in GGUF has no tokenizer
+            save_tokenizer(tmp)
         (tmp / "lab_source.json").write_text(json.dumps({"gguf": str(gguf.resolve()), "dtype": dtype_name,
                                                          "content_key": content_key(gguf)}))
         del reader

@@ -317,10 +317,18 @@ def converted_cache_folder(gguf: Path, dtype_name: str) -> Path:
     return _converted_root() / f"{gguf_facts(gguf)['key']}-{dtype_name}"
 
 
+_GGUF_CONFIGS = {}  # (path, size, mtime) -> config, within one process
+
+
 def _read_gguf_config(gguf: Path):
+    """The config a GGUF describes (parsing its metadata takes seconds: kept for this process)."""
+    import copy
     from .gguf_convert import gguf_config
+    key = (str(gguf.resolve()), gguf.stat().st_size, gguf.stat().st_mtime)
     try:
-        return gguf_config(gguf)
+        if key not in _GGUF_CONFIGS:
+            _GGUF_CONFIGS[key] = gguf_config(gguf)
+        return copy.deepcopy(_GGUF_CONFIGS[key])
     except Exception as exc:  # the GGUF reader raises many types for damaged or unsupported files
         raise LabError(f"Could not read '{gguf}' as a model ({type(exc).__name__}: {str(exc)[:120]}): "
                        "the file may be corrupt or of an architecture transformers cannot load from GGUF.") from None
@@ -365,12 +373,8 @@ def _causal_lm_class(config) -> str:
 
 
 def _save_gguf_tokenizer(gguf: Path, config, folder: Path):
-    """Save the tokenizer of a GGUF (Gemma's rebuilt: transformers 5.9 splits its words into characters);
-    a GGUF without one (a bare stand-in) gets none."""
-    from gguf import GGUFReader
+    """Save the tokenizer of a GGUF (Gemma's rebuilt: transformers 5.9 splits its words into characters)."""
     from transformers import AutoTokenizer
-    if "tokenizer.ggml.tokens" not in GGUFReader(gguf).fields:
-        return
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     if config.model_type in GEMMA_MODEL_TYPES:
         tokenizer = gemma_tokenizer_from_gguf(gguf, getattr(tokenizer, "chat_template", None))
