@@ -5,8 +5,8 @@ MODEL can be:
   - a Hugging Face id: "Qwen/Qwen3-8B", "meta-llama/Meta-Llama-3-8B", "mistralai/Mistral-7B-v0.1", ...;
   - a local folder with a config.json (a saved transformers model);
   - a path to a .gguf file.
-GGUF files are dequantized once by transformers (tens of seconds) and cached as safetensors in
-`cache_dir()`, so later starts take about a second.
+GGUF files are converted once, streamed one tensor at a time (common.gguf_convert, tens of seconds for
+the embedded models), and cached as safetensors in `cache_dir()`, so later starts take about a second.
 
 Every failure the user can cause raises LabError with one sentence saying what to do, before any
 weights are read when it can be known then.
@@ -28,7 +28,6 @@ from .errors import LabError
 from .gguf_tokenizer import GEMMA_MODEL_TYPES, gemma_tokenizer_from_gguf
 
 DEFAULT_MODEL = "smollm2-135m"
-CACHE_FORMAT = 2  # bump when the dequantized cache must be rebuilt (2: Gemma tokenizer rebuilt from the GGUF)
 
 
 @dataclass(frozen=True)
@@ -476,8 +475,8 @@ def preflight_memory(config, dtype, device: str, name: str, max_memory_gb: float
     """Stop with one sentence when the weights will not fit; return the estimated weight bytes.
 
     Needed = weights in `dtype` x 1.2 (activations, caches and the loader's working copies). With
-    MAX_MEMORY_GB set the model may hold only that much on the device (the rest is offloaded), so only
-    the offloaded part must fit in CPU memory or on disk.
+    MAX_MEMORY_GB set the device holds at most that much and memory_plan offloads the rest (to CPU
+    memory while it lasts, then the disk), so this check does not stop the run.
     """
     import torch
     weight_bytes = parameter_count(config) * torch.finfo(dtype).bits // 8
