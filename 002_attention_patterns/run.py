@@ -26,6 +26,7 @@ TOP_HEADS = 5  # how many heads to rank and draw as subject-entity candidates
 INCLUDE_BOS = False  # count position 0 (BOS or first token, the attention sink) under its token type too
 DEVICE = "auto"  # "auto" (mps, else cuda, else cpu), "mps", "cuda" or "cpu"
 DTYPE = "auto"  # "auto" (float16 on GPU, bfloat16 for Gemma, float32 on cpu), "float16", "bfloat16", "float32"
+MAX_MEMORY_GB = None  # None = load into the memory that is free; a number caps the GB the model holds on the device (the rest is offloaded to CPU memory or disk: slower)
 OUT_DIR = str(Path(__file__).resolve().parent / "results")  # run folders go to OUT_DIR/<model>/<time>/
 SEED = 0  # random seed (the analysis itself is deterministic)
 
@@ -68,7 +69,7 @@ def main(cfg):
     torch.manual_seed(cfg.SEED)
 
     # 2. Load the model; pick the band; tokenize and label every prompt.
-    model = load_model(cfg.MODEL, cfg.DEVICE, cfg.DTYPE)
+    model = load_model(cfg.MODEL, cfg.DEVICE, cfg.DTYPE, cfg.MAX_MEMORY_GB)
     blocks = att.band_layers(model.n_layers, cfg.DEPTH_RANGE)
     local = att.sliding_window_layers(model.text_config)
     kv_of = [att.kv_head_of(h, model.n_heads, model.n_kv_heads) for h in range(model.n_heads)]

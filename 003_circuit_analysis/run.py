@@ -27,8 +27,10 @@ METRIC = "logit"  # "logit" of the target, or "logit_diff" = logit(target) - log
 TOP_K = 10  # how many heads and MLPs to list and ablate (top by |attribution|)
 ABLATION = "zero"  # what an ablated head or MLP outputs: "zero", or "mean" (its mean over the prompt's positions)
 ABLATE_EVERY = True  # also ablate every head and every MLP alone: the full ranking by total effect (slower)
+BATCH_SIZE = "auto"  # ablated copies of a prompt per forward pass: "auto" = from free memory and the model's shapes, or a number
 DEVICE = "auto"  # "auto" (mps, else cuda, else cpu), "mps", "cuda" or "cpu"
 DTYPE = "auto"  # "auto" (float16 on GPU, bfloat16 for Gemma, float32 on cpu), "float16", "bfloat16", "float32"
+MAX_MEMORY_GB = None  # None = load into the memory that is free; a number caps the GB the model holds on the device (the rest is offloaded to CPU memory or disk: slower)
 OUT_DIR = str(Path(__file__).resolve().parent / "results")  # run folders go to OUT_DIR/<model>/<time>/
 SEED = 0  # random seed (the analysis itself is deterministic)
 
@@ -39,7 +41,6 @@ from common.errors import LabError  # noqa: E402
 
 here = Path(__file__).resolve().parent  # lower case: UPPER_CASE globals would be read as toggles
 experiment = "003_circuit_analysis"
-tokens_per_batch = 1024  # ablated copies of a prompt run together, up to this many tokens per forward pass
 
 
 def load_prompt_list(cfg, tokenizer=None):
@@ -75,7 +76,7 @@ def main(cfg):
     torch.set_grad_enabled(False)
 
     # 2. Load the model; resolve every prompt's target (and counterfactual) before any heavy work.
-    model = load_model(cfg.MODEL, cfg.DEVICE, cfg.DTYPE)
+    model = load_model(cfg.MODEL, cfg.DEVICE, cfg.DTYPE, cfg.MAX_MEMORY_GB)
     if not all(hasattr(layer.self_attn, "o_proj") for layer in model.hf_model.model.layers):
         raise LabError(f"{model.name}'s attention has no o_proj to split into heads: 003 supports Llama, Qwen3, "
                        "Mistral and Gemma style models.")
@@ -143,6 +144,7 @@ def analyse_prompt(model, cfg, prompt, ids, target, counter) -> dict:
     import torch
 
     from common import attribution as A
+    from common.batching import batch_size
     from common.prompts import token_strings
     counter_id = counter.token_id if cfg.METRIC == "logit_diff" else None
     n_layers, n_heads = model.n_layers, model.n_heads
@@ -174,7 +176,7 @@ def analyse_prompt(model, cfg, prompt, ids, target, counter) -> dict:
     z_values, mlp_values = A.ablation_values(cache, n_layers, cfg.ABLATION)
     ablated_metric, ablated_prob = A.run_ablations(
         model, ids, head_mask, mlp_mask, z_values, mlp_values, target.token_id, counter_id,
-        batch_size=max(1, tokens_per_batch // ids.shape[1]))
+        batch_size=batch_size(cfg.BATCH_SIZE, model, ids.shape[1]))
     direct_heads, direct_mlps = A.direct_effects_of_ablation(model, cache, decomposition, z_values, mlp_values,
                                                              target.token_id, counter_id)
     # Batched and single forward passes may differ in the last float32 bits: tolerance relative to the logits.

@@ -34,9 +34,10 @@ EXACT_TOP_K = 20  # with EXACT = "top": cells confirmed exactly per grid (the re
 NOISE_TRACING = True  # also run ROME's causal tracing: noise on the subject tokens, restore clean states
 NOISE_SAMPLES = 5  # noised runs averaged per causal-tracing cell
 NOISE_LEVEL = 3.0  # noise standard deviation in units of the embeddings' standard deviation (ROME: 3)
-BATCH_SIZE = 32  # patched runs per forward pass (lower it if memory runs out)
+BATCH_SIZE = "auto"  # patched runs per forward pass: "auto" = from free memory and the model's shapes, or a number
 DEVICE = "auto"  # "auto" (mps, else cuda, else cpu), "mps", "cuda" or "cpu"
 DTYPE = "auto"  # "auto" (float16 on GPU, bfloat16 for Gemma, float32 on cpu), "float16", "bfloat16", "float32"
+MAX_MEMORY_GB = None  # None = load into the memory that is free; a number caps the GB the model holds on the device (the rest is offloaded to CPU memory or disk: slower)
 OUT_DIR = str(Path(__file__).resolve().parent / "results")  # run folders go to OUT_DIR/<model>/<time>/
 SEED = 0  # seeds the causal-tracing noise and the cells re-run one at a time as a check
 
@@ -64,9 +65,8 @@ def check_toggles(cfg) -> list[dict]:
         raise LabError(f"SITES must list some of {', '.join(map(repr, SITES))}, not {cfg.SITES!r}.")
     if cfg.EXACT_TOP_K < 1:
         raise LabError(f"EXACT_TOP_K must be at least 1, not {cfg.EXACT_TOP_K}.")
-    for name in ("BATCH_SIZE", "NOISE_SAMPLES"):
-        if getattr(cfg, name) < 1:
-            raise LabError(f"{name} must be at least 1, not {getattr(cfg, name)}.")
+    if cfg.NOISE_SAMPLES < 1:
+        raise LabError(f"NOISE_SAMPLES must be at least 1, not {cfg.NOISE_SAMPLES}.")
     if cfg.NOISE_LEVEL <= 0:
         raise LabError(f"NOISE_LEVEL must be above 0, not {cfg.NOISE_LEVEL}.")
     return load_pairs(cfg.PAIRS_FILE or HERE / "pairs.json")
@@ -76,6 +76,7 @@ def main(cfg):
     import torch
 
     from common import html_report, report
+    from common.batching import batch_size
     from common.models import load_model
     from common.patching import embedding_std, encode_pair
 
@@ -84,9 +85,10 @@ def main(cfg):
     torch.manual_seed(cfg.SEED)
 
     # 2. Load the model and tokenize every pair (a pair that cannot be patched stops the run here).
-    model = load_model(cfg.MODEL, cfg.DEVICE, cfg.DTYPE)
+    model = load_model(cfg.MODEL, cfg.DEVICE, cfg.DTYPE, cfg.MAX_MEMORY_GB)
     encoded = [encode_pair(model, pair, f"Pair {i} ({pair['clean']!r} / {pair['corrupt']!r})")
                for i, pair in enumerate(pairs)]
+    cfg.BATCH_SIZE = batch_size(cfg.BATCH_SIZE, model, max(e["corrupt_ids"].shape[1] for e in encoded))
     sites = [s for s in ("resid", "attn", "mlp", "head") if s in cfg.SITES]
     grids = [g for g, site in GRIDS.items() if site in sites]
     noise_std = embedding_std(model, [e[k] for e in encoded for k in ("clean_ids", "corrupt_ids")]) \

@@ -43,9 +43,15 @@ def alternating_medians(functions: dict, repeats: int = 7, warmup: int = 2) -> d
 
 def run_python(code: str, env: dict | None = None) -> tuple[float, int]:
     """Run `code` in a fresh Python process; return (wall seconds, peak resident bytes of that process)."""
+    # Linux: VmHWM of this process's own memory. ru_maxrss is not used there: Linux carries the parent's
+    # RSS high-water mark across fork + exec, so a big bench process would inflate every child's figure.
     report_peak = ("import atexit, resource, sys\n"
-                   "atexit.register(lambda: print('PEAK_RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,"
-                   " file=sys.stderr))\n")
+                   "def _peak():\n"
+                   "    try:\n"
+                   "        return [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
+                   "    except OSError:\n"
+                   "        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+                   "atexit.register(lambda: print('PEAK_RSS', _peak(), file=sys.stderr))\n")
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", report_peak + code], cwd=REPO, env={**os.environ, **(env or {})},
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

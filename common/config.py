@@ -23,6 +23,14 @@ COMMON_CHOICES = {
     "DEVICE": ("auto", "mps", "cuda", "cpu"),
     "DTYPE": ("auto", "float16", "bfloat16", "float32"),
 }
+# Toggles every experiment (MAX_MEMORY_GB) or some (BATCH_SIZE) have whose value is not of one type:
+# NAME -> (test of a value, what is allowed).
+COMMON_RULES = {
+    "MAX_MEMORY_GB": (lambda v: v is None or isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
+                      "None (use what is free) or a number of GB above 0 like 12"),
+    "BATCH_SIZE": (lambda v: v == "auto" or isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                   "'auto' or a whole number of at least 1 like 8"),
+}
 
 
 class Config(SimpleNamespace):
@@ -126,7 +134,7 @@ def parse_toggles(module_globals: dict, argv: list[str] | None = None, choices: 
         name, text = arg[2:].split("=", 1)
         if name not in toggles:
             _usage_exit(f"unknown toggle '{name}'.", toggles)
-        value = _coerce(_parse_value(text), toggles[name])
+        value = _parse_value(text) if name in COMMON_RULES else _coerce(_parse_value(text), toggles[name])
         if value is _BAD:
             _usage_exit(f"{name} must be a {_type_name(toggles[name])} like {toggles[name]!r}, not '{text}'.",
                         toggles)
@@ -135,4 +143,7 @@ def parse_toggles(module_globals: dict, argv: list[str] | None = None, choices: 
     for name, options in allowed.items():
         if name in values and values[name] not in options:
             _usage_exit(f"{name} must be one of {', '.join(map(repr, options))}, not {values[name]!r}.", toggles)
+    for name, (valid, allowed_text) in COMMON_RULES.items():
+        if name in values and not valid(values[name]):
+            _usage_exit(f"{name} must be {allowed_text}, not {values[name]!r}.", toggles)
     return Config(**values)

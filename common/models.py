@@ -5,8 +5,8 @@ MODEL can be:
   - a Hugging Face id: "Qwen/Qwen3-8B", "meta-llama/Meta-Llama-3-8B", "mistralai/Mistral-7B-v0.1", ...;
   - a local folder with a config.json (a saved transformers model);
   - a path to a .gguf file.
-GGUF files are dequantized once by transformers (tens of seconds) and cached as safetensors in
-`cache_dir()`, so later starts take about a second.
+GGUF files are converted once, streamed one tensor at a time (common.gguf_convert, tens of seconds for
+the embedded models), and cached as safetensors in `cache_dir()`, so later starts take about a second.
 
 Every failure the user can cause raises LabError with one sentence saying what to do, before any
 weights are read when it can be known then.
@@ -14,7 +14,6 @@ weights are read when it can be known then.
 from __future__ import annotations
 
 import gc
-import hashlib
 import importlib.util
 import json
 import os
@@ -29,7 +28,6 @@ from .errors import LabError
 from .gguf_tokenizer import GEMMA_MODEL_TYPES, gemma_tokenizer_from_gguf
 
 DEFAULT_MODEL = "smollm2-135m"
-CACHE_FORMAT = 2  # bump when the dequantized cache must be rebuilt (2: Gemma tokenizer rebuilt from the GGUF)
 
 
 @dataclass(frozen=True)
@@ -280,47 +278,106 @@ def embedded_gguf_path(name: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / info.gguf_name
 
 
-def _gguf_cache_folder(gguf: Path) -> Path:
-    stat = gguf.stat()
-    identity = f"{gguf.resolve()}|{stat.st_size}|{int(stat.st_mtime)}|{CACHE_FORMAT}"
-    key = hashlib.sha256(identity.encode()).hexdigest()[:12]
-    return cache_dir() / "dequantized" / f"{slugify(gguf.stem)}-{key}"
+def _converted_root() -> Path:
+    from .gguf_convert import CONVERT_FORMAT
+    return cache_dir() / f"converted-v{CONVERT_FORMAT}"
 
 
-def dequantized_folder(gguf: Path, architecture: str | None = None) -> Path:
-    """Dequantize a .gguf into a cached transformers folder (float32 safetensors + tokenizer); reuse it after.
+def gguf_facts(gguf: Path) -> dict:
+    """{"key", "model_type", "n_params"} of a GGUF: read from its metadata once, then from a small file in
+    the cache (reading a GGUF's metadata takes seconds: its tokenizer is parsed in Python)."""
+    from .gguf_convert import content_key
+    content = content_key(gguf)
+    known = sorted(_converted_root().glob(f"*-{content}.json"))  # the same content under any name or folder
+    if known:
+        return json.loads(known[0].read_text())
+    key = f"{slugify(gguf.stem)}-{content}"
+    facts_file = _converted_root() / f"{key}.json"
+    config = _read_gguf_config(gguf)
+    facts = {"key": key, "model_type": config.model_type, "n_params": parameter_count(config)}
+    facts_file.parent.mkdir(parents=True, exist_ok=True)
+    partial = facts_file.with_name(facts_file.name + f".tmp-{os.getpid()}")
+    partial.write_text(json.dumps(facts))
+    partial.replace(facts_file)
+    return facts
 
-    Written to a temporary folder and renamed at the end, so an interrupted conversion leaves no cache.
-    """
-    folder = _gguf_cache_folder(gguf)
-    if (folder / "config.json").exists():
-        return folder
+
+def gguf_storage_dtype(gguf: Path, run_dtype=None) -> str:
+    """The dtype a GGUF is converted to for a run in `run_dtype` (None = float32, the CPU default)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    _say(f"Dequantizing {gguf.name} (first use only; later starts read the cache in {folder.parent})...")
+    from .gguf_convert import storage_dtype_name
+    facts = gguf_facts(gguf)
+    return storage_dtype_name(facts["model_type"], run_dtype or torch.float32, facts["n_params"],
+                              BFLOAT16_FAMILIES)
+
+
+def converted_cache_folder(gguf: Path, dtype_name: str) -> Path:
+    """The cache folder of a GGUF converted to `dtype_name`, keyed by the file's content (not its path)."""
+    return _converted_root() / f"{gguf_facts(gguf)['key']}-{dtype_name}"
+
+
+_GGUF_CONFIGS = {}  # (path, size, mtime) -> config, within one process
+
+
+def _read_gguf_config(gguf: Path):
+    """The config a GGUF describes (parsing its metadata takes seconds: kept for this process)."""
+    import copy
+    from .gguf_convert import gguf_config
+    key = (str(gguf.resolve()), gguf.stat().st_size, gguf.stat().st_mtime)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        if key not in _GGUF_CONFIGS:
+            _GGUF_CONFIGS[key] = gguf_config(gguf)
+        return copy.deepcopy(_GGUF_CONFIGS[key])
     except Exception as exc:  # the GGUF reader raises many types for damaged or unsupported files
         raise LabError(f"Could not read '{gguf}' as a model ({type(exc).__name__}: {str(exc)[:120]}): "
                        "the file may be corrupt or of an architecture transformers cannot load from GGUF.") from None
-    # save_pretrained refuses a GGUF-loaded model until the quantizer traces are removed.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.config.architectures = [architecture or type(model).__name__]  # GGUF configs have none
-    if model.config.model_type in GEMMA_MODEL_TYPES:  # transformers 5.9 splits Gemma words into characters
-        tokenizer = gemma_tokenizer_from_gguf(gguf, getattr(tokenizer, "chat_template", None))
-    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "lab_source.json").write_text(json.dumps({"gguf": str(gguf.resolve())}))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
-    del model
-    gc.collect()
+
+
+def dequantized_folder(gguf: Path, architecture: str | None = None, dtype_name: str | None = None) -> Path:
+    """Convert a .gguf into a cached transformers folder (safetensors + tokenizer) once; reuse it after.
+
+    dtype_name: how the weights are stored (default: gguf_storage_dtype for a float32 run). The conversion
+    streams one tensor at a time (common.gguf_convert); an interrupted or failed conversion leaves no
+    cache entry.
+    """
+    dtype_name = dtype_name or gguf_storage_dtype(gguf)
+    folder = converted_cache_folder(gguf, dtype_name)
+    if (folder / "config.json").exists():
+        return folder
+    from .gguf_convert import convert, needed_disk_bytes
+    config = _read_gguf_config(gguf)
+    config.architectures = [architecture or _causal_lm_class(config)]  # GGUF configs have none
+    need = needed_disk_bytes(config, dtype_name, parameter_count(config))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder.parent).free
+    if need > free:
+        raise LabError(f"Converting {gguf.name} needs about {need / 1e9:.1f} GB of disk in {folder.parent} but "
+                       f"only {free / 1e9:.1f} GB is free: free some space or set LAB_CACHE_DIR to a bigger disk.")
+    _say(f"Converting {gguf.name} to {dtype_name} (first use only, {need / 1e9:.1f} GB; later starts read the "
+         f"cache in {folder.parent})...")
+    try:
+        convert(gguf, folder, config, dtype_name, lambda tmp: _save_gguf_tokenizer(gguf, config, tmp))
+    except OSError as exc:
+        raise LabError(f"Converting {gguf.name} failed ({exc.strerror or exc}): nothing was cached; free disk "
+                       f"space in {folder.parent} (or set LAB_CACHE_DIR) and run again.") from None
+    except (ValueError, KeyError, IndexError, TypeError, RuntimeError) as exc:
+        raise LabError(f"Could not convert '{gguf}' ({type(exc).__name__}: {str(exc)[:120]}): the file may be "
+                       "corrupt or incomplete; nothing was cached.") from None
     return folder
+
+
+def _causal_lm_class(config) -> str:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]
+
+
+def _save_gguf_tokenizer(gguf: Path, config, folder: Path):
+    """Save the tokenizer of a GGUF (Gemma's rebuilt: transformers 5.9 splits its words into characters)."""
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if config.model_type in GEMMA_MODEL_TYPES:
+        tokenizer = gemma_tokenizer_from_gguf(gguf, getattr(tokenizer, "chat_template", None))
+    tokenizer.save_pretrained(folder)
 
 
 # ----------------------------------------------------------------------------- Hugging Face Hub
@@ -374,13 +431,17 @@ def _hub_config_file(repo_id: str) -> str:
 # ----------------------------------------------------------------------------- memory preflight
 
 
-def parameter_count(config) -> int:
-    """Exact parameter count of a causal LM built from `config` on the meta device (no memory used)."""
+def meta_model(config):
+    """A causal LM built from `config` on the meta device: shapes only, no memory used."""
     import torch
     from transformers import AutoModelForCausalLM
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in model.parameters())
+        return AutoModelForCausalLM.from_config(config)
+
+
+def parameter_count(config) -> int:
+    """Exact parameter count of a causal LM built from `config` (tied weights counted once)."""
+    return sum(p.numel() for p in meta_model(config).parameters())
 
 
 def available_memory_bytes(device: str) -> int:
@@ -410,20 +471,91 @@ def dtype_name(dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def preflight_memory(config, dtype, device: str, name: str) -> int:
+def preflight_memory(config, dtype, device: str, name: str, max_memory_gb: float | None = None) -> int:
     """Stop with one sentence when the weights will not fit; return the estimated weight bytes.
 
-    Needed = weights in `dtype` x 1.2 (activations, caches and the loader's working copies).
+    Needed = weights in `dtype` x 1.2 (activations, caches and the loader's working copies). With
+    MAX_MEMORY_GB set the device holds at most that much and memory_plan offloads the rest (to CPU
+    memory while it lasts, then the disk), so this check does not stop the run.
     """
     import torch
     weight_bytes = parameter_count(config) * torch.finfo(dtype).bits // 8
     need, have = int(weight_bytes * 1.2), available_memory_bytes(device)
-    if need > have:
+    if max_memory_gb is None and need > have:
         smaller = " or DTYPE='float16'" if dtype == torch.float32 else ""
+        cap = max(0.1, round(have * 0.7 / 1e9, 1))
         raise LabError(f"{name} needs about {need / 1e9:.1f} GB in {dtype_name(dtype)} but only "
-                       f"{have / 1e9:.1f} GB is free on {device}: close other programs{smaller}, or pick a "
-                       "smaller MODEL.")
+                       f"{have / 1e9:.1f} GB is free on {device}: run it offloaded with --MAX_MEMORY_GB={cap} "
+                       f"(layers that do not fit are read from CPU memory or disk: slower), close other "
+                       f"programs{smaller}, or pick a smaller MODEL.")
     return weight_bytes
+
+
+@dataclass
+class MemoryPlan:
+    """Where the weights go: one device, or a per-module device map with layers offloaded (accelerate)."""
+    device_map: object  # a device string, "auto" (several CUDA GPUs) or {module name: device | "cpu" | "disk"}
+    max_memory: dict | None = None
+    offloaded: dict = field(default_factory=dict)  # {"cpu": n_layers, "disk": n_layers}
+    n_layers: int = 0
+
+    @property
+    def note(self) -> str | None:
+        if not self.offloaded:
+            return None
+        parts = " and ".join(f"{n} on {'the disk' if where == 'disk' else 'CPU memory'}"
+                             for where, n in self.offloaded.items())
+        return (f"Offloaded: {sum(self.offloaded.values())} of {self.n_layers} layers do not fit MAX_MEMORY_GB "
+                f"and are kept {parts} (accelerate moves them in for each forward: same numbers, slower).")
+
+
+def memory_plan(config, dtype, device: str, max_memory_gb: float | None) -> MemoryPlan:
+    """Place the weights: all on `device`, or, past MAX_MEMORY_GB, as many decoder layers as fit there.
+
+    The embeddings, final norm and unembedding always stay on `device` (every forward and the lens use
+    them); the layers that do not fit go to CPU memory (on a GPU, while RAM lasts) or the disk, in order.
+    Several CUDA GPUs: accelerate's device_map="auto" spreads the layers over them.
+    """
+    import torch
+    if device == "cuda" and torch.cuda.device_count() > 1:
+        caps = None if max_memory_gb is None else {i: int(max_memory_gb * 1e9) for i in range(torch.cuda.device_count())}
+        return MemoryPlan("auto", caps, n_layers=config.num_hidden_layers)
+    from accelerate.utils import compute_module_sizes
+    meta = meta_model(config)
+    sizes = compute_module_sizes(meta, dtype=dtype)
+    if max_memory_gb is None or sizes[""] <= max_memory_gb * 1e9:
+        return MemoryPlan(device, n_layers=config.num_hidden_layers)
+    layers = [f"model.layers.{i}" for i in range(len(meta.model.layers))]
+    fixed = ([f"model.{name}" for name, _ in meta.model.named_children() if name != "layers"]
+             + [name for name, _ in meta.named_children() if name != "model"])
+    budget = max_memory_gb * 1e9 - sum(sizes[name] for name in fixed)
+    ram = available_memory_bytes("cpu") * 0.8 if device != "cpu" else 0
+    device_map, offloaded = dict.fromkeys(fixed, device), {}
+    for name in layers:
+        where = device if budget >= sizes[name] else "cpu" if ram >= sizes[name] else "disk"
+        budget -= sizes[name] if where == device else 0
+        ram -= sizes[name] if where == "cpu" else 0
+        device_map[name] = where
+        if where != device:
+            offloaded[where] = offloaded.get(where, 0) + 1
+    return MemoryPlan(device_map, offloaded=offloaded, n_layers=len(layers))
+
+
+def module_sizes(config, dtype) -> dict:
+    """{module name: bytes of its parameters and buffers in `dtype`} (accelerate), from a meta model."""
+    from accelerate.utils import compute_module_sizes
+    return dict(compute_module_sizes(meta_model(config), dtype=dtype))
+
+
+def offload_folder() -> str:
+    """A fresh folder for weights offloaded to disk, removed when the process ends."""
+    import atexit
+    import tempfile
+    root = cache_dir() / "offload"
+    root.mkdir(parents=True, exist_ok=True)
+    folder = tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=root)
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 # ----------------------------------------------------------------------------- device check (MPS, CUDA)
@@ -529,22 +661,25 @@ def check_architecture(config, spec: str):
                        "cannot analyse: use a causal language model such as Llama, Qwen3, Mistral or Gemma.")
 
 
-def load_model(spec: str | None = None, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+def load_model(spec: str | None = None, device: str = "auto", dtype: str = "auto",
+               max_memory_gb: float | None = None) -> LoadedModel:
     """Load MODEL for experiments: tokenizer, HF model (eager attention); `.bridge` boots the TransformerBridge.
 
     Checks in order, each a one-line LabError: what MODEL names, the device, the architecture, memory.
+    The weights load straight into the run's dtype on the device (no float32 copy of a 16-bit model);
+    max_memory_gb (the MAX_MEMORY_GB toggle) caps what the device holds, the rest is offloaded.
     """
     source = resolve_model(spec)
     device = choose_device(device)
     _quiet_libraries()
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig
 
-    if source.kind == "embedded":
-        gguf = embedded_gguf_path(source.name)
-        folder = str(dequantized_folder(gguf, EMBEDDED_MODELS[source.name].architecture))
-    elif source.kind == "gguf":
-        folder = str(dequantized_folder(source.path))
+    if source.kind in ("embedded", "gguf"):
+        gguf = embedded_gguf_path(source.name) if source.kind == "embedded" else source.path
+        run_dtype = choose_dtype(dtype, device, gguf_facts(gguf)["model_type"])
+        architecture = EMBEDDED_MODELS[source.name].architecture if source.kind == "embedded" else None
+        folder = str(dequantized_folder(gguf, architecture, gguf_storage_dtype(gguf, run_dtype)))
     elif source.kind == "local":
         folder = str(source.path)
     else:
@@ -559,26 +694,38 @@ def load_model(spec: str | None = None, device: str = "auto", dtype: str = "auto
     if source.kind != "embedded":  # the embedded ones are tested; importing TransformerLens costs ~2.5 s
         check_architecture(config, source.spec)
     torch_dtype = choose_dtype(dtype, device, config.model_type)
-    preflight_memory(config, torch_dtype, device, source.name)
+    if max_memory_gb is not None and max_memory_gb <= 0:
+        raise LabError(f"MAX_MEMORY_GB must be a positive number of GB (or None for what is free), not {max_memory_gb}.")
+    preflight_memory(config, torch_dtype, device, source.name, max_memory_gb)
+    plan = memory_plan(config, torch_dtype, device, max_memory_gb)
 
     _say(f"Loading {source.name} on {device} in {dtype_name(torch_dtype)}...")
+    hf_model, tokenizer = _load_weights(source, folder, torch_dtype, plan)
+    model = LoadedModel(source, hf_model, tokenizer, device, torch_dtype, folder)
+    model.notes = ([plan.note] if plan.note else []) + device_notes(model)
+    for note in model.notes:
+        _say(note)
+    return model
+
+
+def _load_weights(source: ModelSource, folder: str, torch_dtype, plan: MemoryPlan):
+    """Tokenizer and HF model, the weights read straight into `torch_dtype` where `plan` puts them."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    placement = {"device_map": plan.device_map}
+    if plan.offloaded or plan.device_map == "auto":
+        placement.update(max_memory=plan.max_memory, offload_folder=offload_folder())
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         # Eager attention: the hooks see real attention patterns, and Gemma-2 avoids SDPA's NaNs.
-        hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, attn_implementation="eager")
+        hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, attn_implementation="eager",
+                                                        **placement)
     except LabError:
         raise
     except OSError as exc:
         fix = ("the download may be incomplete: delete it from the Hugging Face cache and run again"
                if source.kind == "hf" else "the folder's weights are missing or incomplete: save the model again")
         raise LabError(f"Could not load the weights of '{source.spec}' ({str(exc)[:120]}): {fix}.") from None
-    hf_model.to(device).eval()
-
-    model = LoadedModel(source, hf_model, tokenizer, device, torch_dtype, folder)
-    model.notes = device_notes(model)
-    for note in model.notes:
-        _say(note)
-    return model
+    return hf_model.eval(), tokenizer
 
 
 def device_notes(model: LoadedModel) -> list[str]:

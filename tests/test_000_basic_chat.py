@@ -232,7 +232,7 @@ def test_help_lists_the_toggles_of_the_issue():
     toggle_lines = result.stdout.split("Toggles")[1].splitlines()[1:]
     names = [line.split(" = ")[0].strip() for line in toggle_lines if " = " in line]
     assert names == ["MODEL", "TEMPERATURE", "TOP_P", "MAX_NEW_TOKENS", "SYSTEM_PROMPT", "PROMPT", "SEED", "DEVICE",
-                     "DTYPE", "OUT_DIR"]
+                     "DTYPE", "MAX_MEMORY_GB", "OUT_DIR"]
 
 
 
