@@ -110,8 +110,8 @@ def main(cfg):
         figures = draw_figures(run, results)
         run.write_text("report.md", write_report(results, figures, model))
         html_report.write_page(run, results)
-    failed = [c["name"] for r in records for c in r["self_checks"] if not c["passed"]]
-    report.finish_run(run.final_path, findings(results), failed)
+    report.finish_run(run.final_path, findings(results), [c["name"] for r in records for c in r["self_checks"]
+                                                          if not c["passed"]])
     return run.final_path
 
 

@@ -8,18 +8,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def median_seconds(fn, repeats: int = 7, warmup: int = 2) -> float:
-    """Median wall time of fn() over `repeats` calls, after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
 def interleaved_times(functions: dict, repeats: int = 7, warmup: int = 2) -> dict:
     """Wall times of each function over `repeats` calls, timed in turns (a, b, a, b, ...) after `warmup`
     turns: a busy machine then slows every side alike. Returns {name: [seconds, ...]}."""
