@@ -257,6 +257,7 @@ def write_report(results, patterns, masses, subject_mass, figures, model, cfg) -
            f"Masses are the attention of the final position (the one that predicts the answer). Position 0 "
            f"is the attention sink (BOS, or the first token when the tokenizer adds none) and is {sink_rule}. "
            "Masses over the buckets sum to 1 per head.", "",
+           *[f"Note: {note}" for note in model.notes], "",  # device check, offloaded layers
            "## Self-checks", "", check_lines(results["self_checks"]), ""]
 
     mean_mass = mean_over_prompts(masses)  # [blocks, heads, buckets], mean over prompts

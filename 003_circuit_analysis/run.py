@@ -77,6 +77,9 @@ def main(cfg):
 
     # 2. Load the model; resolve every prompt's target (and counterfactual) before any heavy work.
     model = load_model(cfg.MODEL, cfg.DEVICE, cfg.DTYPE, cfg.MAX_MEMORY_GB)
+    if model.offloaded:  # the attribution reads each layer's o_proj weight, which offloading leaves on "meta"
+        raise LabError("003 cannot yet attribute through offloaded layers: run it without MAX_MEMORY_GB (or with "
+                       "a value large enough that the run's note says nothing is offloaded).")
     if not all(hasattr(layer.self_attn, "o_proj") for layer in model.hf_model.model.layers):
         raise LabError(f"{model.name}'s attention has no o_proj to split into heads: 003 supports Llama, Qwen3, "
                        "Mistral and Gemma style models.")
@@ -501,6 +504,7 @@ def write_report(results, figures, model, cfg) -> str:
            "DLA itself); the difference flows through later layers. "
            + ("Every head and every MLP is ablated alone." if cfg.ABLATE_EVERY else
               f"The top {cfg.TOP_K} heads and MLPs by |attribution| are ablated alone."), "",
+           *[f"Note: {note}" for note in model.notes], "",  # device check, offloaded layers
            "## Self-checks (worst over the prompts)", "", check_lines(worst_checks(records)), ""]
     if cfg.ABLATION == "mean":
         out += [position0_warning(records), ""]

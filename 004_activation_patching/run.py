@@ -95,9 +95,8 @@ def main(cfg):
         if cfg.NOISE_TRACING else None
 
     # 3. Each pair: baselines, exact and attribution patching, causal tracing, the link to 001.
-    records = []
-    for i, (pair, enc) in enumerate(progress(list(zip(pairs, encoded)), "pairs", unit="pair")):
-        records.append(study_pair(model, cfg, pair, enc, grids, noise_std, seed=cfg.SEED + i))
+    records = [study_pair(model, cfg, pair, enc, grids, noise_std, seed=cfg.SEED + i)
+               for i, (pair, enc) in enumerate(progress(list(zip(pairs, encoded)), "pairs", unit="pair"))]
     results = {"experiment": EXPERIMENT, "model": model.name, "n_layers": model.n_layers,
                "n_heads": model.n_heads, "n_kv_heads": model.n_kv_heads, "sites": sites, "grids": grids,
                "method": cfg.METHOD, "metric": "normalized logit difference (1 = clean run, 0 = corrupt run)",
@@ -464,6 +463,7 @@ def write_report(results, figures, model) -> str:
            "attn/mlp/head rows are block indices. head_all patches a head's output (hook_z) at every position, "
            "head_final only at the final position. Cells before the first differing token are identical in both "
            "runs (the model is causal): they are not run and get the unpatched corrupt run's value (0).", "",
+           *[f"Note: {note}" for note in model.notes], "",  # device check, offloaded layers
            "## Self-checks", ""]
     for i, record in enumerate(results["pairs"]):
         out += [f"Pair {i}:", "", check_lines(record["self_checks"]), ""]

@@ -233,6 +233,12 @@ class LoadedModel:
     def has_chat_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
 
+    @property
+    def offloaded(self) -> bool:
+        """Whether some modules live away from `device` (MAX_MEMORY_GB offloaded them to CPU memory or disk)."""
+        placed = getattr(self.hf_model, "hf_device_map", None) or {}
+        return any(str(where) not in (self.device, f"{self.device}:0") for where in placed.values())
+
     def free(self):
         """Release the weights (between models of a comparison)."""
         self._bridge = self.hf_model = None

@@ -355,3 +355,13 @@ def test_bad_input_fails_with_one_line_and_no_results(tmp_path, tiny_folders, ma
     # A tiny model (same tokenizer as the embedded one) keeps the checks that need a model fast.
     result = run_script(SCRIPT, f"--OUT_DIR={out}", f"--MODEL={tiny_folders['llama']}", *make_args(tmp_path))
     assert_fails_cleanly(result, out, fragment)
+
+
+def test_offloaded_layers_stop_with_one_line(tiny_folders, tmp_path):
+    """DLA reads every layer's o_proj weight; offloaded layers keep theirs on the meta device (not yet handled)."""
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([{"prompt": "The capital of France is", "target": "Paris"}]))
+    out = tmp_path / "out"
+    result = run_script(SCRIPT, f"--OUT_DIR={out}", f"--MODEL={tiny_folders['llama']}", f"--PROMPTS_FILE={prompts}",
+                        "--MAX_MEMORY_GB=0.001")
+    assert_fails_cleanly(result, out, "003 cannot yet attribute through offloaded layers")
