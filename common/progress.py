@@ -29,7 +29,7 @@ def bar(description: str, total: int | None, unit: str = "it", iterable=None) ->
     if _is_terminal():
         return tqdm(iterable, desc=description, total=total, unit=unit, file=sys.stderr, dynamic_ncols=True,
                     leave=False)
-    # Not a terminal: no carriage-return redraws; print roughly every 1/LOG_LINES of the way.
+    # Not a terminal: plain ASCII, and a refresh only about every 1/LOG_LINES of the way (not every step).
     every = max(1, (total or 0) // LOG_LINES) if total else 1
     return tqdm(iterable, desc=description, total=total, unit=unit, file=sys.stderr, ncols=80,
                 miniters=every, mininterval=30.0 if not total else 0.0, maxinterval=float("inf"), ascii=True)
