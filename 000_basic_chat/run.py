@@ -29,18 +29,29 @@ MAX_NEW_TOKENS = 256  # the longest answer, in tokens
 SYSTEM_PROMPT = ""  # instructions for the model; "" = none (a chat template may add its own default)
 PROMPT = None  # None = interactive chat; a message = answer it once, print the answer and exit
 SEED = 0  # random seed: the same seed and the same messages give the same sampled answers
-DEVICE = "auto"  # "auto" (mps, else cuda, else cpu), "mps", "cuda" or "cpu"
-DTYPE = "auto"  # "auto" (float16 on GPU, bfloat16 for Gemma, float32 on cpu), "float16", "bfloat16", "float32"
+DEVICE = "auto"  # one of "auto", "mps", "cuda" or "cpu": "auto" = mps, else cuda, else cpu
+DTYPE = "auto"  # one of "auto", "float16", "bfloat16" or "float32": "auto" = float16 on a GPU, bfloat16 for Gemma, float32 on the cpu
 MAX_MEMORY_GB = None  # None = load into the memory that is free; a number caps the GB the model holds on the device (the rest is offloaded to CPU memory or disk: slower)
 OUT_DIR = str(Path(__file__).resolve().parent / "results")  # transcripts go to OUT_DIR/<model>/<time>/
+# ----------------------------------------------------------------------------- end of toggles
 
+import contextlib  # noqa: E402
+import math  # noqa: E402
+
+import common  # noqa: E402,F401 - first: it sets PYTORCH_ENABLE_MPS_FALLBACK before torch loads
+import torch  # noqa: E402
+
+from common import report  # noqa: E402
+from common.chat import QUIT, ChatSession, session_checks, transcript_markdown  # noqa: E402
 from common.config import parse_toggles  # noqa: E402
 from common.errors import LabError  # noqa: E402
+from common.models import load_model  # noqa: E402
+
+EXPERIMENT = Path(__file__).resolve().parent.name  # "000_basic_chat"
 
 
 def check_toggles(cfg):
     """Stop with one sentence on settings that cannot work, before the model is loaded."""
-    import math
     if not (math.isfinite(cfg.TEMPERATURE) and cfg.TEMPERATURE >= 0):
         raise LabError(f"TEMPERATURE must be a number >= 0 (0 = greedy), not {cfg.TEMPERATURE}.")
     if not 0 < cfg.TOP_P <= 1:
@@ -53,11 +64,6 @@ def check_toggles(cfg):
 
 def main(cfg):
     check_toggles(cfg)
-    import torch
-
-    from common.chat import ChatSession
-    from common.models import load_model
-
     torch.manual_seed(cfg.SEED)  # sampled answers are reproducible for the same seed and messages
     model = load_model(cfg.MODEL, cfg.DEVICE, cfg.DTYPE, cfg.MAX_MEMORY_GB)
     session = ChatSession(model, system=cfg.SYSTEM_PROMPT, temperature=cfg.TEMPERATURE, top_p=cfg.TOP_P,
@@ -74,7 +80,6 @@ def chat_loop(session):
     """Read messages and /commands until /quit, Ctrl-D (end of input) or Ctrl-C at the prompt.
 
     Ctrl-C during an answer is caught inside session.ask (the answer stops, the chat goes on)."""
-    from common.chat import QUIT
     if sys.stdin.isatty():
         try:
             import readline  # noqa: F401 - arrow keys and history in input()
@@ -109,18 +114,13 @@ def chat_loop(session):
 
 def save_transcript(cfg, session):
     """Write the run folder (results.json, report.md, config.json) when at least one answer was given."""
-    import contextlib
-
-    from common import report
-    from common.chat import session_checks, transcript_markdown
-    experiment = Path(__file__).resolve().parent.name  # "000_basic_chat" (lower case: not a toggle)
     answers = [h for h in session.history if h["kind"] == "answer"]
     if not answers:
         print("No answers, so no transcript was saved.", file=sys.stderr)
         return None
     model = session.model
     checks = session_checks(session)
-    results = {"experiment": experiment, "model": model.name, "chat_template": session.uses_template,
+    results = {"experiment": EXPERIMENT, "model": model.name, "chat_template": session.uses_template,
                "end_of_turn_ids": session.stop_ids, "end_of_turn_tokens": session.stop_tokens,
                "system_prompt": session.conversation.system, "history": session.history, "checks": checks}
     mode = "chat template" if session.uses_template else "no chat template: plain continuation"
@@ -131,7 +131,7 @@ def save_transcript(cfg, session):
             "## Self-check", "", report.check_lines(checks), "", "## Transcript", "", transcript_markdown(session)]
     with contextlib.redirect_stdout(sys.stderr), report.new_run_folder(cfg.OUT_DIR, model.slug) as run:
         run.write_json("results.json", results)
-        run.write_json("config.json", report.run_config(cfg, model, experiment))
+        run.write_json("config.json", report.run_config(cfg, model, EXPERIMENT))
         run.write_text("report.md", "\n".join(text))
     failed = [c["name"] for c in checks if not c["passed"]]
     if failed:

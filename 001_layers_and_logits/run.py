@@ -31,16 +31,17 @@ MODELS = ["smollm2-135m", "gemma3-270m"]  # used when MODEL is None: run in turn
 USE_NORM_LENS = True  # apply the final norm before unembedding (False = RAW residual)
 USE_TUNED_LENS = False  # also show the tuned lens (a trained translator per layer; trained on first use, ~10 min, then cached)
 PROMPTS_FILE = None  # None = this folder's facts; else a JSON list of {"prompt": ..., "target": ...}, used verbatim
-PROMPT_FORMAT = "all"  # how the facts are asked: "completion", "qa", "chat" or "all" (chat needs a chat template)
+PROMPT_FORMAT = "all"  # one of "completion", "qa", "chat" or "all": how the facts are asked (chat needs a chat template)
 PARAPHRASES = True  # also run the other wordings of each fact (completion format)
 DIRECTION_PROBES = True  # run probes.json: facts asked both ways, and options in both orders
 TEMPERATURES = [0.5, 1.0, 1.5, 2.0]  # softmax temperatures compared (1.0 is always computed)
 TOP_K = 5  # how many top tokens to record per layer
-DEVICE = "auto"  # "auto" (mps, else cuda, else cpu), "mps", "cuda" or "cpu"
-DTYPE = "auto"  # "auto" (float16 on GPU, bfloat16 for Gemma, float32 on cpu), "float16", "bfloat16", "float32"
+DEVICE = "auto"  # one of "auto", "mps", "cuda" or "cpu": "auto" = mps, else cuda, else cpu
+DTYPE = "auto"  # one of "auto", "float16", "bfloat16" or "float32": "auto" = float16 on a GPU, bfloat16 for Gemma, float32 on the cpu
 MAX_MEMORY_GB = None  # None = load into the memory that is free; a number caps the GB the model holds on the device (the rest is offloaded to CPU memory or disk: slower)
 OUT_DIR = str(Path(__file__).resolve().parent / "results")  # run folders go to OUT_DIR/<model>/<time>/
 SEED = 0  # random seed (the lens itself is deterministic)
+# ----------------------------------------------------------------------------- end of toggles
 
 import json  # noqa: E402
 from statistics import median  # noqa: E402
@@ -544,4 +545,4 @@ def write_comparison(cfg, studies) -> Path:
 
 
 if __name__ == "__main__":
-    main(parse_toggles(globals(), choices={"PROMPT_FORMAT": ("completion", "qa", "chat", "all")}))
+    main(parse_toggles(globals()))

@@ -24,13 +24,15 @@ DEPTH_RANGE = (0.40, 0.85)  # which blocks, as a fraction of depth: block i sits
 PROMPTS_FILE = None  # None = 001's facts (completion format); else a JSON list of {"prompt", "target"}, optional "subject"/"types"
 TOP_HEADS = 5  # how many heads to rank and draw as subject-entity candidates
 INCLUDE_BOS = False  # count position 0 (BOS or first token, the attention sink) under its token type too
-DEVICE = "auto"  # "auto" (mps, else cuda, else cpu), "mps", "cuda" or "cpu"
-DTYPE = "auto"  # "auto" (float16 on GPU, bfloat16 for Gemma, float32 on cpu), "float16", "bfloat16", "float32"
+DEVICE = "auto"  # one of "auto", "mps", "cuda" or "cpu": "auto" = mps, else cuda, else cpu
+DTYPE = "auto"  # one of "auto", "float16", "bfloat16" or "float32": "auto" = float16 on a GPU, bfloat16 for Gemma, float32 on the cpu
 MAX_MEMORY_GB = None  # None = load into the memory that is free; a number caps the GB the model holds on the device (the rest is offloaded to CPU memory or disk: slower)
 OUT_DIR = str(Path(__file__).resolve().parent / "results")  # run folders go to OUT_DIR/<model>/<time>/
 SEED = 0  # random seed (the analysis itself is deterministic)
+# ----------------------------------------------------------------------------- end of toggles
 
 from common.config import parse_toggles  # noqa: E402
+from common.prompts import load_prompt_list  # noqa: E402
 from common.progress import progress  # noqa: E402
 from common.errors import LabError  # noqa: E402
 
@@ -38,18 +40,6 @@ HERE = Path(__file__).resolve().parent
 FACTS = HERE.parent / "001_layers_and_logits" / "prompts.json"  # the lab's facts (a data file, not code)
 EXPERIMENT = "002_attention_patterns"
 SHORT = {"sink": "S", "special": "X", "entity": "E", "relation": "R", "function": "F", "punctuation": "P"}
-
-
-def load_prompt_list(cfg, tokenizer=None):
-    """The prompts of this run: PROMPTS_FILE verbatim (hand labels checked), or 001's facts as completions."""
-    from common.attention import check_hand_labels
-    from common.prompts import load_facts, load_prompts_file, render_fact
-    if not cfg.PROMPTS_FILE:
-        return [render_fact(tokenizer, fact, "completion") for fact in load_facts(FACTS)]
-    prompts = load_prompts_file(cfg.PROMPTS_FILE)
-    for i, prompt in enumerate(prompts):
-        check_hand_labels(prompt.extra, prompt.text, f"PROMPTS_FILE entry {i}")
-    return prompts
 
 
 def main(cfg):
@@ -65,7 +55,7 @@ def main(cfg):
     if cfg.TOP_HEADS < 1:
         raise LabError(f"TOP_HEADS must be at least 1, not {cfg.TOP_HEADS}.")
     if cfg.PROMPTS_FILE:
-        load_prompt_list(cfg)
+        load_prompt_list(cfg.PROMPTS_FILE, FACTS)
     torch.manual_seed(cfg.SEED)
 
     # 2. Load the model; pick the band; tokenize and label every prompt.
@@ -75,7 +65,7 @@ def main(cfg):
     kv_of = [att.kv_head_of(h, model.n_heads, model.n_kv_heads) for h in range(model.n_heads)]
     special_ids = set(model.tokenizer.all_special_ids)
     records = []
-    for prompt in load_prompt_list(cfg, model.tokenizer):
+    for prompt in load_prompt_list(cfg.PROMPTS_FILE, FACTS, model.tokenizer):
         ids = encode(model, prompt.text)
         target = target_token(model.tokenizer, prompt.text, prompt.target)
         text, offsets = att.token_offsets(model.tokenizer, prompt.text, ids[0].tolist())

@@ -23,40 +23,37 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # so `common` i
 # ----------------------------------------------------------------------------- toggles
 MODEL = "smollm2-135m"  # embedded model, Hugging Face id (e.g. "Qwen/Qwen3-8B"), local folder or .gguf file
 PROMPTS_FILE = None  # None = this folder's prompts.json; else a JSON list of {"prompt", "target"}, optional "counterfactual", "subject"
-METRIC = "logit"  # "logit" of the target, or "logit_diff" = logit(target) - logit(counterfactual answer)
+METRIC = "logit"  # one of "logit" or "logit_diff": the target's logit, or logit(target) - logit(counterfactual answer)
 TOP_K = 10  # how many heads and MLPs to list and ablate (top by |attribution|)
-ABLATION = "zero"  # what an ablated head or MLP outputs: "zero", or "mean" (its mean over the prompt's positions)
+ABLATION = "zero"  # one of "zero" or "mean": what an ablated head or MLP outputs ("mean" = its mean over the prompt's positions)
 ABLATE_EVERY = True  # also ablate every head and every MLP alone: the full ranking by total effect (slower)
 BATCH_SIZE = "auto"  # ablated copies of a prompt per forward pass: "auto" = from free memory and the model's shapes, or a number
-DEVICE = "auto"  # "auto" (mps, else cuda, else cpu), "mps", "cuda" or "cpu"
-DTYPE = "auto"  # "auto" (float16 on GPU, bfloat16 for Gemma, float32 on cpu), "float16", "bfloat16", "float32"
+DEVICE = "auto"  # one of "auto", "mps", "cuda" or "cpu": "auto" = mps, else cuda, else cpu
+DTYPE = "auto"  # one of "auto", "float16", "bfloat16" or "float32": "auto" = float16 on a GPU, bfloat16 for Gemma, float32 on the cpu
 MAX_MEMORY_GB = None  # None = load into the memory that is free; a number caps the GB the model holds on the device (the rest is offloaded to CPU memory or disk: slower)
 OUT_DIR = str(Path(__file__).resolve().parent / "results")  # run folders go to OUT_DIR/<model>/<time>/
 SEED = 0  # random seed (the analysis itself is deterministic)
+# ----------------------------------------------------------------------------- end of toggles
 
 from common.checks import check, tolerance  # noqa: E402
+from common import hooks  # noqa: E402
 from common.config import parse_toggles  # noqa: E402
+from common.prompts import load_prompt_list  # noqa: E402
 from common.progress import progress  # noqa: E402
 from common.errors import LabError  # noqa: E402
 
-here = Path(__file__).resolve().parent  # lower case: UPPER_CASE globals would be read as toggles
-experiment = "003_circuit_analysis"
+HERE = Path(__file__).resolve().parent
+EXPERIMENT = "003_circuit_analysis"
 
 
-def load_prompt_list(cfg, tokenizer=None):
-    """The prompts: PROMPTS_FILE verbatim, or this folder's facts in completion format (first wording)."""
-    from common.attention import check_hand_labels
-    from common.prompts import load_facts, load_prompts_file, render_fact
-    if not cfg.PROMPTS_FILE:
-        return [render_fact(tokenizer, fact, "completion") for fact in load_facts(here / "prompts.json")]
-    prompts = load_prompts_file(cfg.PROMPTS_FILE)
+def load_prompt_list_for(cfg, tokenizer=None):
+    """The prompts: PROMPTS_FILE verbatim, or this folder's facts; METRIC='logit_diff' needs counterfactuals."""
+    prompts = load_prompt_list(cfg.PROMPTS_FILE, HERE / "prompts.json", tokenizer)
     for i, prompt in enumerate(prompts):
-        where = f"PROMPTS_FILE entry {i}"
-        check_hand_labels({k: prompt.extra[k] for k in ("subject", "types") if k in prompt.extra}, prompt.text, where)
         counterfactual = prompt.extra.get("counterfactual")
         if cfg.METRIC == "logit_diff" and (not isinstance(counterfactual, str) or not counterfactual.strip()):
-            raise LabError(f"{where} has no \"counterfactual\" answer, which METRIC='logit_diff' needs: add one "
-                           "(e.g. \"London\" for a prompt whose target is \"Paris\") or use METRIC='logit'.")
+            raise LabError(f"PROMPTS_FILE entry {i} has no \"counterfactual\" answer, which METRIC='logit_diff' needs: "
+                           "add one (e.g. \"London\" for a prompt whose target is \"Paris\") or use METRIC='logit'.")
     return prompts
 
 
@@ -71,7 +68,7 @@ def main(cfg):
     if cfg.TOP_K < 1:
         raise LabError(f"TOP_K must be at least 1, not {cfg.TOP_K}.")
     if cfg.PROMPTS_FILE:
-        load_prompt_list(cfg)
+        load_prompt_list_for(cfg)
     torch.manual_seed(cfg.SEED)
     torch.set_grad_enabled(False)
 
@@ -84,7 +81,7 @@ def main(cfg):
         raise LabError(f"{model.name}'s attention has no o_proj to split into heads: 003 supports Llama, Qwen3, "
                        "Mistral and Gemma style models.")
     items = []
-    for prompt in load_prompt_list(cfg, model.tokenizer):
+    for prompt in load_prompt_list_for(cfg, model.tokenizer):
         ids = encode(model, prompt.text)
         target = target_token(model.tokenizer, prompt.text, prompt.target)
         counterfactual = prompt.extra.get("counterfactual")
@@ -100,7 +97,7 @@ def main(cfg):
     # 3. Per prompt: attribution, ablations, attention on the subject.
     records = [analyse_prompt(model, cfg, prompt, ids, target, counter) for prompt, ids, target, counter in
                progress(items, f"attributing {cfg.METRIC}, {cfg.ABLATION} ablation", unit="prompt")]
-    results = {"experiment": experiment, "model": model.name, "n_layers": model.n_layers,
+    results = {"experiment": EXPERIMENT, "model": model.name, "n_layers": model.n_layers,
                "n_heads": model.n_heads, "n_kv_heads": model.n_kv_heads, "metric": cfg.METRIC,
                "ablation": cfg.ABLATION, "ablate_every": cfg.ABLATE_EVERY, "top_k": cfg.TOP_K,
                "softcap": model.softcap,
@@ -111,7 +108,7 @@ def main(cfg):
     # 4. Write the run folder: numbers, settings, figures, and the report a person reads.
     with report.new_run_folder(cfg.OUT_DIR, model.slug) as run:
         run.write_json("results.json", results)
-        run.write_json("config.json", report.run_config(cfg, model, experiment))
+        run.write_json("config.json", report.run_config(cfg, model, EXPERIMENT))
         figures = draw_figures(run, results)
         run.write_text("report.md", write_report(results, figures, model, cfg))
         html_report.write_page(run, results)
@@ -155,7 +152,7 @@ def analyse_prompt(model, cfg, prompt, ids, target, counter) -> dict:
     # Direct logit attribution from one cached run.
     logits, cache = model.bridge.run_with_cache(ids.to(model.device), names_filter=A.cache_hook_names(model))
     logits = logits[0, -1].float()
-    pre_softcap = cache["unembed.hook_out"][0, -1].float()
+    pre_softcap = cache[hooks.LOGITS][0, -1].float()
     decomposition = A.decompose_last_position(model, cache)
     attribution = A.attribute(model, decomposition, target.token_id, counter_id)
     metric = float(A.metric_from_logits(pre_softcap, target.token_id, counter_id))
@@ -276,7 +273,7 @@ def subject_attention_of(model, prompt, ids, cache):
     positions = att.counted_positions(subject, include_bos=False)
     if not positions:
         return [], None
-    final_rows = torch.stack([cache[f"blocks.{layer}.attn.hook_pattern"][0, :, -1].float().cpu()
+    final_rows = torch.stack([cache[hooks.block_site("pattern", layer)][0, :, -1].float().cpu()
                               for layer in range(model.n_layers)])  # [n_layers, n_heads, seq]
     return positions, att.mass_on(final_rows, positions)
 
@@ -337,13 +334,13 @@ def read_002_ranking(model_slug: str) -> dict | None:
     or its results.json does not have the fields read here.
     """
     import json
-    folders = sorted((here.parent / "002_attention_patterns" / "results" / model_slug).glob("*/results.json"))
+    folders = sorted((HERE.parent / "002_attention_patterns" / "results" / model_slug).glob("*/results.json"))
     for path in reversed(folders):
         try:
             data = json.loads(path.read_text())
             ranking = [{"rank": rank, "layer": int(h["layer"]), "head": int(h["head"]), "mean": float(h["mean"]),
                         "top_rate": float(h["top_rate"])} for rank, h in enumerate(data["head_ranking"])]
-            return {"folder": str(path.parent.relative_to(here.parent)), "layers": list(data["layers"]),
+            return {"folder": str(path.parent.relative_to(HERE.parent)), "layers": list(data["layers"]),
                     "depth_range": data.get("depth_range"), "n_prompts": len(data.get("prompts", [])),
                     "ranking": ranking}
         except (OSError, ValueError, KeyError, TypeError):
@@ -628,4 +625,4 @@ def write_report(results, figures, model, cfg) -> str:
 
 
 if __name__ == "__main__":
-    main(parse_toggles(globals(), choices={"METRIC": ("logit", "logit_diff"), "ABLATION": ("zero", "mean")}))
+    main(parse_toggles(globals()))

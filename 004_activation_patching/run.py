@@ -28,20 +28,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # so `common` i
 MODEL = "smollm2-135m"  # embedded model, Hugging Face id (e.g. "Qwen/Qwen3-8B"), local folder or .gguf file
 PAIRS_FILE = None  # None = this folder's pairs.json; else a JSON list of {"clean", "corrupt", "clean_answer", "corrupt_answer"}
 SITES = ["resid", "attn", "mlp", "head"]  # what to patch: any of "resid", "attn", "mlp", "head"
-METHOD = "both"  # "exact" (a patched run per cell), "attribution" (gradient estimate) or "both"
-EXACT = "top"  # head/attn/mlp grids: "top" = exact runs only for the EXACT_TOP_K cells attribution ranks highest; "all"
+METHOD = "both"  # one of "exact", "attribution" or "both": a patched run per cell, a gradient estimate, or both
+EXACT = "top"  # one of "top" or "all": for the head/attn/mlp grids, "top" = exact runs only for the EXACT_TOP_K cells attribution ranks highest
 EXACT_TOP_K = 20  # with EXACT = "top": cells confirmed exactly per grid (the residual grid is always exact)
 NOISE_TRACING = True  # also run ROME's causal tracing: noise on the subject tokens, restore clean states
 NOISE_SAMPLES = 5  # noised runs averaged per causal-tracing cell
 NOISE_LEVEL = 3.0  # noise standard deviation in units of the embeddings' standard deviation (ROME: 3)
 BATCH_SIZE = "auto"  # patched runs per forward pass: "auto" = from free memory and the model's shapes, or a number
-DEVICE = "auto"  # "auto" (mps, else cuda, else cpu), "mps", "cuda" or "cpu"
-DTYPE = "auto"  # "auto" (float16 on GPU, bfloat16 for Gemma, float32 on cpu), "float16", "bfloat16", "float32"
+DEVICE = "auto"  # one of "auto", "mps", "cuda" or "cpu": "auto" = mps, else cuda, else cpu
+DTYPE = "auto"  # one of "auto", "float16", "bfloat16" or "float32": "auto" = float16 on a GPU, bfloat16 for Gemma, float32 on the cpu
 MAX_MEMORY_GB = None  # None = load into the memory that is free; a number caps the GB the model holds on the device (the rest is offloaded to CPU memory or disk: slower)
 OUT_DIR = str(Path(__file__).resolve().parent / "results")  # run folders go to OUT_DIR/<model>/<time>/
 SEED = 0  # seeds the causal-tracing noise and the cells re-run one at a time as a check
+# ----------------------------------------------------------------------------- end of toggles
 
+from common import hooks  # noqa: E402
 from common.checks import check  # noqa: E402
+from common.lens import first_layer_staying_true  # noqa: E402
 from common.config import parse_toggles  # noqa: E402
 from common.progress import progress  # noqa: E402
 from common.errors import LabError  # noqa: E402
@@ -134,7 +137,7 @@ def findings(results) -> list[str]:
 def grid_layout(model, grid: str, seq: int) -> dict:
     """Cells and axis labels of one heatmap: rows are layers (resid) or blocks, columns positions or heads."""
     from common import patching as P
-    names = P.site_hook_names(GRIDS[grid], model.n_layers)
+    names = hooks.site_names(GRIDS[grid], model.n_layers)
     if grid == "head_all":
         cells, cols = P.head_cells(names, model.n_heads), model.n_heads
     elif grid == "head_final":
@@ -157,7 +160,7 @@ def study_pair(model, cfg, pair, enc, grids, noise_std, seed) -> dict:
     clean_id, corrupt_id = enc["clean_target"].token_id, enc["corrupt_target"].token_id
     seq, n = clean_ids.shape[1], model.n_layers
     layouts = {g: grid_layout(model, g, seq) for g in grids}
-    resid_names = P.site_hook_names("resid", n)
+    resid_names = hooks.site_names("resid", n)
     names = sorted({name for layout in layouts.values() for name in layout["hook_names"]} | set(resid_names))
 
     # Baselines: the clean and the corrupt run, with every activation a patch may copy.
@@ -218,7 +221,7 @@ def study_pair(model, cfg, pair, enc, grids, noise_std, seed) -> dict:
             record["correlation"][g] = P.pearson(exact[changed[g]], estimate[changed[g]])
 
     # The link to 001: where the final position's residual switches the answer vs where the lens resolves it.
-    switch = P.first_layer_staying_true([bool(x) for x in final_top1])
+    switch = first_layer_staying_true([bool(x) for x in final_top1])
     sweep = lens.sweep(model, clean_ids, clean_id, use_norm=True)[1.0]
     resolution = lens.resolution_depth(sweep.target_rank, sweep.target_prob, sweep.entropy)["first_top1_layer"]
     record["link_to_001"] = {
@@ -322,10 +325,10 @@ def trace_pair(model, cfg, clean_ids, clean_acts, record, readout, noise_std, to
     from common import patching as P
     n, seq = model.n_layers, clean_ids.shape[1]
     window = P.trace_window(n)
-    kinds = {"resid": P.position_cells(P.site_hook_names("resid", n), seq),
-             "mlp": P.window_cells(P.site_hook_names("mlp", n), seq, window),
-             "attn": P.window_cells(P.site_hook_names("attn", n), seq, window)}
-    restore_all = [[(P.resid_hook_name(0), (slice(None),))]]  # check: removes all the noise
+    kinds = {"resid": P.position_cells(hooks.site_names("resid", n), seq),
+             "mlp": P.window_cells(hooks.site_names("mlp", n), seq, window),
+             "attn": P.window_cells(hooks.site_names("attn", n), seq, window)}
+    restore_all = [[(hooks.resid(0), (slice(None),))]]  # check: removes all the noise
     cells = [cell for kind in TRACE_KINDS for cell in kinds[kind]] + restore_all
     names = sorted({name for cell in cells for name, _ in cell})
     missing = [name for name in names if name not in clean_acts]
@@ -549,4 +552,4 @@ def pair_section(i, record, results, figures) -> list[str]:
 
 
 if __name__ == "__main__":
-    main(parse_toggles(globals(), choices={"METHOD": ("exact", "attribution", "both"), "EXACT": ("top", "all")}))
+    main(parse_toggles(globals()))

@@ -18,7 +18,7 @@ def patching_batched_vs_loop() -> float:
     per cell. Both run every cell (no skipping of unchanged cells), with the same hooks and readout."""
     import torch
 
-    from common import patching as P
+    from common import hooks, patching as P
     from common.models import load_model
     from common.prompts import encode, target_token
     torch.set_grad_enabled(False)
@@ -26,7 +26,7 @@ def patching_batched_vs_loop() -> float:
     clean, corrupt = encode(model, CLEAN), encode(model, CORRUPT)
     readout = P.answer_readout(target_token(model.tokenizer, CLEAN, "Paris").token_id,
                                target_token(model.tokenizer, CORRUPT, "Rome").token_id)
-    names = P.site_hook_names("resid", model.n_layers)
+    names = hooks.site_names("resid", model.n_layers)
     _, clean_acts = P.cache_activations(model, clean, names)
     cells = P.position_cells(names, clean.shape[1])  # 31 layers x 5 positions = 155 cells
 

@@ -27,6 +27,7 @@ import re
 
 import torch
 
+from . import hooks
 from .checks import check, tolerance
 from .errors import LabError
 
@@ -267,7 +268,7 @@ def bridge_patterns(bridge, input_ids: torch.Tensor, blocks: list[int]) -> tuple
     input_ids: [1, seq] (already on the model's device). Returns (patterns [len(blocks), heads, seq, seq]
     float32 on the cpu, last-position logits [vocab] float32). Only the band's hooks are cached.
     """
-    names = [f"blocks.{i}.attn.hook_pattern" for i in blocks]
+    names = [hooks.block_site("pattern", block) for block in blocks]
     logits, cache = bridge.run_with_cache(input_ids, names_filter=lambda name: name in names)
     patterns = torch.stack([cache[name][0] for name in names]).float().cpu()
     return patterns, logits[0, -1].float().cpu()

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import hooks
 from .checks import check, tolerance
 from .progress import progress
 
@@ -49,13 +50,12 @@ def has_post_attention_norm(model) -> bool:
 
 def cache_hook_names(model) -> list[str]:
     """The bridge hooks a decomposition needs (pass to run_with_cache's names_filter to keep memory small)."""
-    names = ["blocks.0.hook_resid_pre", "ln_final.hook_in", "ln_final.hook_scale", "unembed.hook_out"]
+    names = [hooks.resid(0), hooks.FINAL_NORM_INPUT, hooks.FINAL_NORM_SCALE, hooks.LOGITS]
     post = has_post_attention_norm(model)
     for layer in range(model.n_layers):
-        names += [f"blocks.{layer}.attn.hook_z", f"blocks.{layer}.hook_attn_out", f"blocks.{layer}.hook_mlp_out",
-                  f"blocks.{layer}.attn.hook_pattern"]
+        names += [hooks.block_site(site, layer) for site in ("head", "attn", "mlp", "pattern")]
         if post:
-            names.append(f"blocks.{layer}.ln1_post.hook_scale")
+            names.append(hooks.post_attention_norm_scale(layer))
     return names
 
 
@@ -140,7 +140,7 @@ def post_attention_scales(model, cache, position: int = -1) -> torch.Tensor | No
     if not has_post_attention_norm(model):
         return None
     return torch.stack([effective_norm_weight(model.bridge.blocks[layer].ln1_post)
-                        / cache[f"blocks.{layer}.ln1_post.hook_scale"][0, position].float()
+                        / cache[hooks.post_attention_norm_scale(layer)][0, position].float()
                         for layer in range(model.n_layers)])
 
 
@@ -171,13 +171,13 @@ def decompose_last_position(model, cache) -> Decomposition:
     def last(name):
         return cache[name][0, -1].float()
 
-    z = torch.stack([last(f"blocks.{layer}.attn.hook_z") for layer in range(model.n_layers)])  # [L, H, hd]
+    z = torch.stack([last(hooks.block_site("head", layer)) for layer in range(model.n_layers)])  # [L, H, hd]
     heads, biases = attention_pieces(model, z, post_attention_scales(model, cache))
-    return Decomposition(embed=last("blocks.0.hook_resid_pre"), heads=heads, attn_bias=biases,
-                         mlps=torch.stack([last(f"blocks.{layer}.hook_mlp_out") for layer in range(model.n_layers)]),
-                         attn_out=torch.stack([last(f"blocks.{layer}.hook_attn_out")
+    return Decomposition(embed=last(hooks.resid(0)), heads=heads, attn_bias=biases,
+                         mlps=torch.stack([last(hooks.block_site("mlp", layer)) for layer in range(model.n_layers)]),
+                         attn_out=torch.stack([last(hooks.block_site("attn", layer))
                                                for layer in range(model.n_layers)]),
-                         resid_final=last("ln_final.hook_in"), rms_final=last("ln_final.hook_scale").reshape(()))
+                         resid_final=last(hooks.FINAL_NORM_INPUT), rms_final=last(hooks.FINAL_NORM_SCALE).reshape(()))
 
 
 # ----------------------------------------------------------------------------- the metric and its attribution
@@ -310,8 +310,8 @@ def ablation_values(cache, n_layers: int, kind: str) -> tuple[torch.Tensor, torc
     """
     if kind not in ABLATIONS:
         raise ValueError(f"ablation must be one of {ABLATIONS}, not {kind!r}")
-    z = torch.stack([cache[f"blocks.{layer}.attn.hook_z"][0] for layer in range(n_layers)])  # [L, seq, H, hd]
-    mlp = torch.stack([cache[f"blocks.{layer}.hook_mlp_out"][0] for layer in range(n_layers)])  # [L, seq, d]
+    z = torch.stack([cache[hooks.block_site("head", layer)][0] for layer in range(n_layers)])  # [L, seq, H, hd]
+    mlp = torch.stack([cache[hooks.block_site("mlp", layer)][0] for layer in range(n_layers)])  # [L, seq, d]
     if kind == "zero":
         return torch.zeros_like(z[:, 0]), torch.zeros_like(mlp[:, 0])
     return z.mean(dim=1), mlp.mean(dim=1)
@@ -324,8 +324,8 @@ def position0_share(cache, n_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
     over the prompt's positions is mostly position 0's value. Returns (heads [n_layers, n_heads] from hook_z,
     mlps [n_layers] from hook_mlp_out), float32; 1.0 everywhere for one-token prompts.
     """
-    z = torch.stack([cache[f"blocks.{layer}.attn.hook_z"][0] for layer in range(n_layers)]).float()  # [L, seq, H, hd]
-    mlp = torch.stack([cache[f"blocks.{layer}.hook_mlp_out"][0] for layer in range(n_layers)]).float()  # [L, seq, d]
+    z = torch.stack([cache[hooks.block_site("head", layer)][0] for layer in range(n_layers)]).float()  # [L, seq, H, hd]
+    mlp = torch.stack([cache[hooks.block_site("mlp", layer)][0] for layer in range(n_layers)]).float()  # [L, seq, d]
     if z.shape[1] < 2:
         return torch.ones(z.shape[0], z.shape[2]), torch.ones(mlp.shape[0])
 
@@ -343,19 +343,19 @@ def ablation_hooks(head_mask: torch.Tensor, mlp_mask: torch.Tensor, z_values: to
     z_values: [n_layers, n_heads, head_dim]; mlp_values: [n_layers, d_model] (see `ablation_values`).
     Layers with nothing ablated get no hook. Returns [(hook name, fn)] for `bridge.run_with_hooks`.
     """
-    hooks = []
+    hook_list = []
     for layer in range(head_mask.shape[1]):
         if head_mask[:, layer].any():
             def replace_heads(z, hook, mask=head_mask[:, layer], value=z_values[layer]):
                 # z: [batch, seq, n_heads, head_dim]; mask [batch, n_heads]; value [n_heads, head_dim]
                 return torch.where(mask[:, None, :, None].to(z.device), value.to(z.device, z.dtype), z)
-            hooks.append((f"blocks.{layer}.attn.hook_z", replace_heads))
+            hook_list.append((hooks.block_site("head", layer), replace_heads))
         if mlp_mask[:, layer].any():
             def replace_mlp(out, hook, mask=mlp_mask[:, layer], value=mlp_values[layer]):
                 # out: [batch, seq, d_model]; mask [batch]; value [d_model]
                 return torch.where(mask[:, None, None].to(out.device), value.to(out.device, out.dtype), out)
-            hooks.append((f"blocks.{layer}.hook_mlp_out", replace_mlp))
-    return hooks
+            hook_list.append((hooks.block_site("mlp", layer), replace_mlp))
+    return hook_list
 
 
 @torch.no_grad()
@@ -380,10 +380,10 @@ def run_ablations(model, input_ids: torch.Tensor, head_mask: torch.Tensor, mlp_m
         def keep_lm_head_output(logits, hook):  # [batch, kept positions, vocab]
             captured["pre"] = logits[:, -1].float()
 
-        hooks = ablation_hooks(heads, mlps, z_values, mlp_values) + [("unembed.hook_out", keep_lm_head_output)]
+        fwd_hooks = ablation_hooks(heads, mlps, z_values, mlp_values) + [(hooks.LOGITS, keep_lm_head_output)]
         ids = input_ids.to(model.device).expand(heads.shape[0], -1)
         # logits_to_keep=1 (passed on to the HF model): only the last position is unembedded.
-        logits = model.bridge.run_with_hooks(ids, fwd_hooks=hooks, logits_to_keep=1)[:, -1].float()
+        logits = model.bridge.run_with_hooks(ids, fwd_hooks=fwd_hooks, logits_to_keep=1)[:, -1].float()
         metrics.append(metric_from_logits(captured["pre"], target_id, counter_id).cpu())
         probs.append(torch.softmax(logits, dim=-1)[:, target_id].cpu())
     return torch.cat(metrics), torch.cat(probs)

@@ -1,7 +1,13 @@
-"""Toggles: the UPPER_CASE settings at the top of each run.py, and `--NAME=VALUE` overrides.
+"""Toggles: the settings at the top of each run.py, and `--NAME=VALUE` overrides.
 
     python 001_layers_and_logits/run.py --USE_NORM_LENS=False --TOP_K=10
     python 001_layers_and_logits/run.py --help
+
+A toggle is found by its place: every `NAME = value  # comment` line above the marker line
+`# ---...--- end of toggles` is one; constants below the marker are not. Its comment says what it does; a
+comment that starts with `one of A, B or C:` also declares the values the toggle may take, which are checked:
+
+    DEVICE = "auto"  # one of "auto", "mps", "cuda" or "cpu": "auto" = mps, else cuda, else cpu
 
 A VALUE is read as a Python literal (True, 3, 0.7, [0.5, 1.0], None) and, when it is not one, as a
 plain string (--MODEL=Qwen/Qwen3-8B). An unknown NAME or a value of the wrong type stops the run
@@ -11,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import io
+import re
 import sys
 import tokenize
 from pathlib import Path
@@ -18,14 +25,11 @@ from types import SimpleNamespace
 
 from .errors import install_error_handler
 
-# Toggles every experiment has, with the values they may take.
-COMMON_CHOICES = {
-    "DEVICE": ("auto", "mps", "cuda", "cpu"),
-    "DTYPE": ("auto", "float16", "bfloat16", "float32"),
-}
-# Toggles every experiment (MAX_MEMORY_GB) or some (BATCH_SIZE) have whose value is not of one type:
-# NAME -> (test of a value, what is allowed).
-COMMON_RULES = {
+END_OF_TOGGLES = re.compile(r"^# -+ end of toggles\s*$", re.M)
+CHOICES = re.compile(r"^one of (.+?):(\s|$)")  # the start of a comment that declares a toggle's values
+
+# Toggles some experiments have whose value is not of one type: NAME -> (test of a value, what is allowed).
+VALUE_RULES = {
     "MAX_MEMORY_GB": (lambda v: v is None or isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
                       "None (use what is free) or a number of GB above 0 like 12"),
     "BATCH_SIZE": (lambda v: v == "auto" or isinstance(v, int) and not isinstance(v, bool) and v >= 1,
@@ -40,20 +44,29 @@ class Config(SimpleNamespace):
         return dict(vars(self))
 
 
-def _toggle_comments(source_file: str) -> dict[str, str]:
-    """Map each top-level UPPER_CASE assignment in a file to its trailing `# comment`, in file order."""
+def toggle_comments(source_file: str) -> dict[str, str]:
+    """Each assignment above the end-of-toggles marker of a run.py -> its trailing `# comment`, in file order."""
     text = Path(source_file).read_text()
-    names_by_line = {}
-    for node in ast.parse(text).body:
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            name = node.targets[0].id
-            if name.isupper():
-                names_by_line[node.end_lineno] = name
+    marker = END_OF_TOGGLES.search(text)
+    if marker is None:
+        raise ValueError(f"{source_file} has no '# ----- end of toggles' line below its toggles")
+    last_line = text[: marker.start()].count("\n")
+    names_by_line = {node.end_lineno: node.targets[0].id for node in ast.parse(text).body
+                     if isinstance(node, ast.Assign) and node.end_lineno <= last_line
+                     and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)}
     comments = {name: "" for name in names_by_line.values()}
     for tok in tokenize.generate_tokens(io.StringIO(text).readline):
         if tok.type == tokenize.COMMENT and tok.start[0] in names_by_line:
             comments[names_by_line[tok.start[0]]] = tok.string.lstrip("# ").strip()
     return comments
+
+
+def declared_choices(comment: str) -> tuple | None:
+    """The values a comment `one of "a", "b" or "c": ...` allows (("a", "b", "c")), or None."""
+    match = CHOICES.match(comment)
+    if match is None:
+        return None
+    return tuple(ast.literal_eval("[" + match.group(1).replace(" or ", ", ") + "]"))
 
 
 def _parse_value(text: str):
@@ -98,52 +111,50 @@ def _usage_exit(message: str, toggles: dict):
     sys.exit(2)
 
 
-def parse_toggles(module_globals: dict, argv: list[str] | None = None, choices: dict | None = None) -> Config:
-    """Collect the UPPER_CASE toggles of a run.py, apply `--NAME=VALUE` overrides, return a Config.
+def parse_toggles(module_globals: dict, argv: list[str] | None = None) -> Config:
+    """Collect the toggles of a run.py (above its end-of-toggles line), apply `--NAME=VALUE`, return a Config.
 
-    module_globals: the run.py's `globals()`; its UPPER_CASE names are the toggles.
+    module_globals: the run.py's `globals()` (its `__file__` is read for the toggles and their comments).
     argv: the command-line arguments (default: sys.argv[1:]).
-    choices: {NAME: allowed values} for toggles that take one of a few values; DEVICE and DTYPE
-        are checked always.
     Also installs the handler that prints a LabError as one line instead of a traceback.
     """
     install_error_handler()
     argv = sys.argv[1:] if argv is None else argv
-    source_file = module_globals.get("__file__")
-    comments = _toggle_comments(source_file) if source_file else {}
-    # A toggle is an UPPER_CASE assignment with a comment (the contract); other constants are not.
-    toggles = {name: module_globals[name] for name, comment in comments.items() if comment and name in module_globals}
-    if not toggles:  # no file to read (e.g. an interactive session): every UPPER_CASE global is a toggle
-        toggles = {k: v for k, v in module_globals.items() if k.isupper() and not k.startswith("_")}
-    allowed = {**COMMON_CHOICES, **(choices or {})}
-
+    comments = toggle_comments(module_globals["__file__"])
+    toggles = {name: module_globals[name] for name in comments}
     if "--help" in argv or "-h" in argv:
-        doc = (module_globals.get("__doc__") or "").strip()
-        if doc:
-            print(doc + "\n")
-        print("Toggles (edit them at the top of the file, or override one run with --NAME=VALUE):")
-        for name, value in toggles.items():
-            comment = comments.get(name, "")
-            print(f"  {name} = {value!r}" + (f"  # {comment}" if comment else ""))
-        sys.exit(0)
-
+        _print_help(module_globals.get("__doc__"), toggles, comments)
     values = dict(toggles)
     for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            _usage_exit(f"'{arg}' is not of the form --NAME=VALUE.", toggles)
-        name, text = arg[2:].split("=", 1)
-        if name not in toggles:
-            _usage_exit(f"unknown toggle '{name}'.", toggles)
-        value = _parse_value(text) if name in COMMON_RULES else _coerce(_parse_value(text), toggles[name])
-        if value is _BAD:
-            _usage_exit(f"{name} must be a {_type_name(toggles[name])} like {toggles[name]!r}, not '{text}'.",
-                        toggles)
+        name, value = _override(arg, toggles)
         values[name] = value
-
-    for name, options in allowed.items():
-        if name in values and values[name] not in options:
+    for name, comment in comments.items():
+        options = declared_choices(comment)
+        if options is not None and values[name] not in options:
             _usage_exit(f"{name} must be one of {', '.join(map(repr, options))}, not {values[name]!r}.", toggles)
-    for name, (valid, allowed_text) in COMMON_RULES.items():
+    for name, (valid, allowed_text) in VALUE_RULES.items():
         if name in values and not valid(values[name]):
             _usage_exit(f"{name} must be {allowed_text}, not {values[name]!r}.", toggles)
     return Config(**values)
+
+
+def _print_help(doc: str | None, toggles: dict, comments: dict):
+    if doc and doc.strip():
+        print(doc.strip() + "\n")
+    print("Toggles (edit them at the top of the file, or override one run with --NAME=VALUE):")
+    for name, value in toggles.items():
+        print(f"  {name} = {value!r}" + (f"  # {comments[name]}" if comments[name] else ""))
+    sys.exit(0)
+
+
+def _override(arg: str, toggles: dict) -> tuple[str, object]:
+    """One `--NAME=VALUE` argument -> (NAME, value fitted to the toggle's type); exit 2 when it does not fit."""
+    if not arg.startswith("--") or "=" not in arg:
+        _usage_exit(f"'{arg}' is not of the form --NAME=VALUE.", toggles)
+    name, text = arg[2:].split("=", 1)
+    if name not in toggles:
+        _usage_exit(f"unknown toggle '{name}'.", toggles)
+    value = _parse_value(text) if name in VALUE_RULES else _coerce(_parse_value(text), toggles[name])
+    if value is _BAD:
+        _usage_exit(f"{name} must be a {_type_name(toggles[name])} like {toggles[name]!r}, not '{text}'.", toggles)
+    return name, value

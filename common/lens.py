@@ -148,6 +148,16 @@ def sweep(model, input_ids: torch.Tensor, target_id: int, use_norm: bool = True,
             for t in temperatures}
 
 
+def first_layer_staying_true(flags: list[bool]) -> int | None:
+    """The first index from which every flag to the end is True (None when the last one is False)."""
+    first = None
+    for index in range(len(flags) - 1, -1, -1):
+        if not flags[index]:
+            break
+        first = index
+    return first
+
+
 def resolution_depth(target_rank: list[int], target_prob: list[float], entropy: list[float]) -> dict:
     """Where along the depth a prediction resolves. All lists have n_layers + 1 entries (layer 0..n).
 
@@ -157,11 +167,7 @@ def resolution_depth(target_rank: list[int], target_prob: list[float], entropy: 
       entropy_drop_layer: the layer whose block lowers the entropy most (entropy[l-1] - entropy[l] largest).
     """
     n = len(target_rank) - 1
-    first_top1 = None
-    for layer in range(n, -1, -1):
-        if target_rank[layer] != 0:
-            break
-        first_top1 = layer
+    first_top1 = first_layer_staying_true([rank == 0 for rank in target_rank])
     first_p50 = next((layer for layer, p in enumerate(target_prob) if p > 0.5), None)
     drops = [entropy[layer - 1] - entropy[layer] for layer in range(1, n + 1)]
     entropy_drop = 1 + max(range(n), key=drops.__getitem__) if n else None

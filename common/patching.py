@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from . import hooks
 from .checks import tolerance
 from .progress import progress
 from .errors import LabError
@@ -32,19 +33,6 @@ Patch = tuple  # (hook name, index into one batch row's activation, e.g. (positi
 Cell = list  # [Patch, ...], applied together
 
 # ----------------------------------------------------------------------------- sites and cells
-
-
-def resid_hook_name(layer: int) -> str:
-    """The hook of residual layer `layer` (0 = embeddings entering block 0, l = output of block l - 1)."""
-    return "blocks.0.hook_resid_pre" if layer == 0 else f"blocks.{layer - 1}.hook_resid_post"
-
-
-def site_hook_names(site: str, n_layers: int) -> list[str]:
-    """One hook name per heatmap row: n_layers + 1 for "resid", n_layers (one per block) otherwise."""
-    if site == "resid":
-        return [resid_hook_name(layer) for layer in range(n_layers + 1)]
-    suffix = {"attn": "hook_attn_out", "mlp": "hook_mlp_out", "head": "attn.hook_z"}[site]
-    return [f"blocks.{block}.{suffix}" for block in range(n_layers)]
 
 
 def position_cells(hook_names: list[str], n_positions: int) -> list[Cell]:
@@ -125,16 +113,6 @@ def encode_pair(model, pair: dict, label: str) -> dict:
 def differing_positions(clean_ids: torch.Tensor, corrupt_ids: torch.Tensor) -> list[int]:
     """Positions where two prompts of equal length have different tokens. ids: [1, seq] each."""
     return torch.nonzero(clean_ids[0] != corrupt_ids[0]).flatten().tolist()
-
-
-def first_layer_staying_true(flags: list[bool]) -> int | None:
-    """The first index from which every flag to the end is True (None when the last one is False)."""
-    first = None
-    for index in range(len(flags) - 1, -1, -1):
-        if not flags[index]:
-            break
-        first = index
-    return first
 
 
 def logit_tolerance(dtype, logits: torch.Tensor) -> float:
@@ -344,7 +322,7 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> float | None:
 def embedding_std(model, prompts_ids: list[torch.Tensor]) -> float:
     """Standard deviation of the layer-0 residual (token embeddings after any embedding scaling), over every
     entry of every token of the given prompts: ROME's noise unit, measured on the run's own text."""
-    name = resid_hook_name(0)
+    name = hooks.resid(0)
     values = [cache_activations(model, ids, [name])[1][name].float().flatten() for ids in prompts_ids]
     return float(torch.cat(values).std())
 
@@ -376,7 +354,7 @@ def causal_trace(model, clean_ids: torch.Tensor, clean_acts: dict, cells: list[C
     if not positions:
         raise LabError("Causal tracing needs at least one noised position; the clean and corrupt prompts are "
                        "identical, so there is nothing to trace.")
-    embed = resid_hook_name(0)
+    embed = hooks.resid(0)
     names = sorted({name for cell in cells for name, _ in cell} | {embed})
     restored, noised = torch.zeros(len(cells)), []
     ran = torch.zeros(len(cells), dtype=torch.bool)

@@ -167,3 +167,16 @@ def target_token(tokenizer, prompt: str, target: str) -> Target:
     if not answer_ids:
         raise LabError(f"The target {target!r} is not a token of this model's vocabulary: use a word or symbol.")
     return Target(int(answer_ids[0]), tokenizer.decode([answer_ids[0]]), len(answer_ids))
+
+
+def load_prompt_list(prompts_file, facts_file: Path, tokenizer=None) -> list[Prompt]:
+    """The prompts of a run: PROMPTS_FILE verbatim (its optional hand labels checked), else a facts file's
+    facts in completion format (first wording). Used by 002 and 003."""
+    from .attention import check_hand_labels  # labels are about token types, which attention.py defines
+    if not prompts_file:
+        return [render_fact(tokenizer, fact, "completion") for fact in load_facts(facts_file)]
+    prompts = load_prompts_file(prompts_file)
+    for i, prompt in enumerate(prompts):
+        labels = {key: prompt.extra[key] for key in ("subject", "types") if key in prompt.extra}
+        check_hand_labels(labels, prompt.text, f"PROMPTS_FILE entry {i}")
+    return prompts

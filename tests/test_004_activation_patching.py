@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from common import patching as P
+from common import hooks, patching as P
+from common.lens import first_layer_staying_true
 from common.errors import LabError
 from common.prompts import encode
 from conftest import ARCHITECTURES, assert_fails_cleanly, run_folders, run_script
@@ -20,11 +21,11 @@ GRIDS = ("resid", "attn", "mlp", "head_all", "head_final")
 
 
 def test_site_hook_names_follow_the_lens_layer_convention():
-    assert P.site_hook_names("resid", 3) == ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_post",
+    assert hooks.site_names("resid", 3) == ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_post",
                                              "blocks.1.hook_resid_post", "blocks.2.hook_resid_post"]
-    assert P.site_hook_names("attn", 2) == ["blocks.0.hook_attn_out", "blocks.1.hook_attn_out"]
-    assert P.site_hook_names("mlp", 1) == ["blocks.0.hook_mlp_out"]
-    assert P.site_hook_names("head", 2) == ["blocks.0.attn.hook_z", "blocks.1.attn.hook_z"]
+    assert hooks.site_names("attn", 2) == ["blocks.0.hook_attn_out", "blocks.1.hook_attn_out"]
+    assert hooks.site_names("mlp", 1) == ["blocks.0.hook_mlp_out"]
+    assert hooks.site_names("head", 2) == ["blocks.0.attn.hook_z", "blocks.1.attn.hook_z"]
 
 
 def test_cells_are_row_major():
@@ -51,7 +52,7 @@ def test_windows_are_centred_and_clipped():
 @pytest.mark.parametrize("flags, expected", [([False, True, True], 1), ([True, False, True], 2),
                                              ([True, True], 0), ([True, False], None), ([], None)])
 def test_first_layer_staying_true(flags, expected):
-    assert P.first_layer_staying_true(flags) == expected
+    assert first_layer_staying_true(flags) == expected
 
 
 def test_normalize_and_pearson():
@@ -101,15 +102,15 @@ class Setup:
         self.clean_ids, self.corrupt_ids = encode(model, CLEAN), encode(model, CORRUPT)
         self.seq, n = self.clean_ids.shape[1], model.n_layers
         self.readout = P.answer_readout(*_answers(model, self.clean_ids, self.corrupt_ids))
-        self.names = [name for site in P.SITES for name in P.site_hook_names(site, n)]
+        self.names = [name for site in P.SITES for name in hooks.site_names(site, n)]
         clean_logits, self.clean_acts = P.cache_activations(model, self.clean_ids, self.names)
         corrupt_logits, self.corrupt_acts = P.cache_activations(model, self.corrupt_ids, self.names)
         self.ld_clean = float(self.readout(clean_logits[None])["logit_diff"][0])
         self.ld_corrupt = float(self.readout(corrupt_logits[None])["logit_diff"][0])
-        z = P.site_hook_names("head", n)
-        self.grids = {"resid": P.position_cells(P.site_hook_names("resid", n), self.seq),
-                      "attn": P.position_cells(P.site_hook_names("attn", n), self.seq),
-                      "mlp": P.position_cells(P.site_hook_names("mlp", n), self.seq),
+        z = hooks.site_names("head", n)
+        self.grids = {"resid": P.position_cells(hooks.site_names("resid", n), self.seq),
+                      "attn": P.position_cells(hooks.site_names("attn", n), self.seq),
+                      "mlp": P.position_cells(hooks.site_names("mlp", n), self.seq),
                       "head_all": P.head_cells(z, model.n_heads),
                       "head_final": P.head_cells(z, model.n_heads, position=self.seq - 1)}
         self.all_cells = [cell for cells in self.grids.values() for cell in cells]
@@ -138,7 +139,7 @@ def test_identities(setup):
     corrupt = s.patch(s.corrupt_ids, s.all_cells, s.corrupt_acts)["logit_diff"]
     assert (clean - s.ld_clean).abs().max() < 1e-4
     assert (corrupt - s.ld_corrupt).abs().max() < 1e-4
-    resid = P.site_hook_names("resid", s.model.n_layers)
+    resid = hooks.site_names("resid", s.model.n_layers)
     whole = [[(resid[-1], (slice(None),))], [(resid[0], (slice(None),))]]
     out = s.patch(s.corrupt_ids, whole, s.clean_acts)["logit_diff"]
     assert (out - s.ld_clean).abs().max() < 1e-4
@@ -216,9 +217,9 @@ def test_causal_trace(setup):
     s = setup
     subject = P.differing_positions(s.clean_ids, s.corrupt_ids)
     n = s.model.n_layers
-    cells = P.position_cells(P.site_hook_names("resid", n), s.seq) + \
-        P.window_cells(P.site_hook_names("mlp", n), s.seq, 2)
-    restore_all = [[(P.resid_hook_name(0), (slice(None),))]]
+    cells = P.position_cells(hooks.site_names("resid", n), s.seq) + \
+        P.window_cells(hooks.site_names("mlp", n), s.seq, 2)
+    restore_all = [[(hooks.resid(0), (slice(None),))]]
     p_clean = float(s.readout(P.cache_activations(s.model, s.clean_ids, [])[0][None])["p_clean"][0])
     same = dict(rel=1e-4)  # p(answer) of a random model is ~1/vocab, so compare relatively
     silent = P.causal_trace(s.model, s.clean_ids, s.clean_acts, cells, s.readout,
@@ -323,7 +324,7 @@ def test_causal_trace_on_the_embedded_model(embedded):
     """ROME's noise on " France" destroys the answer " Paris"; restoring that clean embedding brings it back."""
     clean_ids, corrupt_ids = encode(embedded, CLEAN), encode(embedded, CORRUPT)
     subject = P.differing_positions(clean_ids, corrupt_ids)
-    names = P.site_hook_names("resid", embedded.n_layers)
+    names = hooks.site_names("resid", embedded.n_layers)
     clean_logits, clean_acts = P.cache_activations(embedded, clean_ids, names)
     clean_id = int(clean_logits.argmax())
     readout = P.answer_readout(clean_id, int(P.cache_activations(embedded, corrupt_ids, [])[0].argmax()))

@@ -1,7 +1,7 @@
 """Toggles: --NAME=VALUE overrides, types, choices, --help, and the exit-2 errors."""
 import pytest
 
-from common.config import parse_toggles
+from common.config import declared_choices, parse_toggles, toggle_comments
 
 SOURCE = '''"""A test experiment."""
 MODEL = "smollm2-135m"  # which model
@@ -11,9 +11,10 @@ TEMPERATURE = 1.0  # softmax temperature
 TEMPERATURES = [0.5, 1.0]  # several temperatures
 DEPTH_RANGE = (0.4, 0.85)  # a band of depth
 PROMPTS_FILE = None  # optional file
-DEVICE = "auto"  # device
-DTYPE = "auto"  # dtype
-HERE = "not a toggle: no comment"
+DEVICE = "auto"  # one of "auto", "mps", "cuda" or "cpu": device
+DTYPE = "auto"  # one of "auto", "float16", "bfloat16" or "float32": dtype
+# ----------------------------------------------------------------------------- end of toggles
+HERE = "not a toggle: below the marker"  # even with a comment
 '''
 
 
@@ -72,14 +73,28 @@ def test_help_lists_every_toggle_with_its_comment(module_globals, capsys):
     assert "DEPTH_RANGE = (0.4, 0.85)  # a band of depth" in out
 
 
-def test_extra_choices(module_globals, capsys):
-    module_globals["FORMAT"] = "qa"
+def test_choices_are_declared_in_the_comment(tmp_path, capsys):
+    source = SOURCE.replace('MODEL = "smollm2-135m"  # which model', 'MODEL = "a"  # one of "a", "b" or None: which')
+    path = tmp_path / "run.py"
+    path.write_text(source)
+    namespace = {"__file__": str(path)}
+    exec(compile(source, str(path), "exec"), namespace)
+    assert declared_choices('one of "a", "b" or None: which') == ("a", "b", None)
+    assert declared_choices("which model, one of many") is None
+    assert parse_toggles(namespace, ["--MODEL=b"]).MODEL == "b"
     with pytest.raises(SystemExit):
-        parse_toggles(module_globals, ["--MODEL=x"], choices={"MODEL": ("a", "b")})
-    assert "MODEL must be one of 'a', 'b'" in capsys.readouterr().err
+        parse_toggles(namespace, ["--MODEL=x"])
+    assert "MODEL must be one of 'a', 'b', None, not 'x'" in capsys.readouterr().err
 
 
-def test_constants_without_a_comment_are_not_toggles(module_globals, capsys):
+def test_a_run_py_without_the_marker_is_refused(tmp_path):
+    path = tmp_path / "run.py"
+    path.write_text('MODEL = "a"  # which\n')
+    with pytest.raises(ValueError, match="end of toggles"):
+        parse_toggles({"__file__": str(path), "MODEL": "a"}, [])
+
+
+def test_constants_below_the_marker_are_not_toggles(module_globals, capsys):
     assert "HERE" not in parse_toggles(module_globals, []).as_dict()
     with pytest.raises(SystemExit):
         parse_toggles(module_globals, ["--HERE=x"])
@@ -93,3 +108,6 @@ def test_every_experiment_has_the_common_toggles():
         namespace = runpy.run_path(str(script), run_name="not_main")
         cfg = parse_toggles(namespace, [])
         assert {"MODEL", "DEVICE", "DTYPE", "OUT_DIR", "SEED"} <= set(cfg.as_dict()), script
+        comments = toggle_comments(str(script))
+        assert declared_choices(comments["DEVICE"]) == ("auto", "mps", "cuda", "cpu"), script
+        assert all(comments.values()), f"{script}: every toggle has a comment"
