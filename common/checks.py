@@ -30,3 +30,22 @@ def check(name: str, max_abs_diff: float, allowed: float) -> dict:
     """One self-check as reports and results.json record it: passed when the difference is within tolerance."""
     diff = float(max_abs_diff)
     return {"name": name, "max_abs_diff": diff, "tolerance": float(allowed), "passed": bool(diff <= allowed)}
+
+
+def worst_over_prompts(checks_per_prompt: list[list[dict]]) -> list[dict]:
+    """Each self-check once, as its worst prompt measured it (largest difference over tolerance).
+
+    checks_per_prompt: per prompt, its list of `check` records (the same names in each). A check passes
+    only if it passed on every prompt; its name then says over how many prompts and how many failed.
+    """
+    by_name: dict[str, list[dict]] = {}
+    for checks in checks_per_prompt:
+        for record in checks:
+            by_name.setdefault(record["name"], []).append(record)
+    summary = []
+    for name, records in by_name.items():
+        worst = max(records, key=lambda r: r["max_abs_diff"] - r["tolerance"])
+        failed = sum(not r["passed"] for r in records)
+        summary.append(dict(worst, passed=failed == 0,
+                            name=f"{name} (worst of {len(records)} prompts, {failed} failed)"))
+    return summary
