@@ -7,6 +7,10 @@ so a batch never needs more than a small part of what the model itself takes.
 """
 from __future__ import annotations
 
+import torch
+
+from . import models
+
 MAX_TOKENS_PER_FORWARD = 1024  # past this, a bigger batch is no faster on a CPU
 FREE_SHARE = 0.25  # the batch may use at most this share of the free memory ...
 WEIGHTS_SHARE = 0.10  # ... and of the weights' bytes (so 7-9B models stay near their weight size)
@@ -28,7 +32,6 @@ def bytes_per_sequence(config, seq_len: int, itemsize: int) -> int:
 
 def auto_batch_size(config, dtype, seq_len: int, free_bytes: int, weight_bytes: int) -> int:
     """Sequences per forward: as many as fit the budget (see the module doc), at least 1."""
-    import torch
     budget = max(MIN_BUDGET, min(FREE_SHARE * free_bytes, WEIGHTS_SHARE * weight_bytes))
     per_sequence = bytes_per_sequence(config, seq_len, torch.finfo(dtype).bits // 8)
     fit = int(budget // per_sequence)
@@ -39,6 +42,6 @@ def batch_size(setting, model, seq_len: int) -> int:
     """BATCH_SIZE for `model`: a number as given, or "auto" sized from free memory and the model's shapes."""
     if setting != "auto":
         return int(setting)
-    from .models import available_memory_bytes
     weight_bytes = sum(p.numel() * p.element_size() for p in model.hf_model.parameters())
-    return auto_batch_size(model.config, model.dtype, seq_len, available_memory_bytes(model.device), weight_bytes)
+    free_bytes = models.available_memory_bytes(model.device)
+    return auto_batch_size(model.config, model.dtype, seq_len, free_bytes, weight_bytes)
