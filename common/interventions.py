@@ -149,7 +149,7 @@ def _after_prefix(edit: Edit, base: BaseRun, seq: int) -> Edit | None:
     part before L must write what the base run has there (else ValueError), and is dropped."""
     name, (position, *rest), value = edit
     prefix = base.shared_prefix
-    if isinstance(position, slice) and position == slice(None):
+    if isinstance(position, slice):  # slice(None): every position (the only slice an edit may use)
         same = value.shape[:1] == (seq,) and torch.equal(value[:prefix], base.acts[name][(slice(0, prefix), *rest)])
         shifted = (name, (slice(None), *rest), value[prefix:])
     else:
@@ -167,7 +167,7 @@ class SharedPrefix:
     def __init__(self, model, input_ids: torch.Tensor, length: int):
         with torch.no_grad():
             _, self.cache = model.bridge(input_ids[:, :length].to(model.device), return_type="logits_and_cache",
-                                         use_cache=True)
+                                         use_cache=True, logits_to_keep=1)
         self.length = length
 
     def for_batch(self, n_rows: int):
