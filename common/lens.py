@@ -123,16 +123,17 @@ def check_kl_to_final(label: str, lens_logits: torch.Tensor, final_logits: torch
 
     lens_logits: [layers, vocab]; reported_kl: [layers]. final_logits: [vocab], the model's own output where the
     lens's last layer should be it (NORM and tuned lens); None = the lens's last layer (RAW lens: without the
-    final norm it is not the model's output). Tolerance: 1e-4 of the largest KL in float32, where sums over
-    the vocabulary lose digits (measured on SmolLM2: the two ways differ by 3.7e-3 at a KL of 107 nats, 9e-4 at
-    20 nats), and common.checks' half-precision share.
+    final norm it is not the model's output). The difference is relative, |reported - kl_div| / max(1, kl_div):
+    both sum over the whole vocabulary in float32 whatever the model's dtype, and the reported one loses digits
+    (measured over 001's default prompts against float64: at most 1.0e-4 on SmolLM2, 1.1e-3 on Gemma-3's 262k
+    tokens), so 5e-3 is allowed in float32, common.checks' share in half precision (where the model's logits
+    also differ from the lens's a little).
     """
     final_name = "the model's own logits" if final_logits is not None else "its own last layer"
     recomputed = kl_divergence(lens_logits[-1] if final_logits is None else final_logits, lens_logits)  # [layers]
-    diff = (recomputed - reported_kl.float()).abs().max().item()
-    float32_tolerance = 1e-4 * max(1.0, recomputed.abs().max().item())
-    return check(f"{label}: KL(final || layer) == torch's kl_div against {final_name}, every layer", diff,
-                 tolerance(dtype, recomputed, float32_tolerance))
+    relative = ((recomputed - reported_kl.float()).abs() / recomputed.abs().clamp_min(1.0)).max().item()
+    return check(f"{label}: KL(final || layer) == torch's kl_div against {final_name}, every layer (difference "
+                 "relative to max(1, KL))", relative, tolerance(dtype, 1.0, 5e-3))
 
 
 def check_ranks_under_temperature(label: str, lens_logits: torch.Tensor, target_id: int,

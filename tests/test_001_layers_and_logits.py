@@ -208,13 +208,14 @@ def run_in_process(*args: str) -> Path:
 
 @pytest.fixture
 def tiny_run(tmp_path, tiny_folders):
-    """A small 001 run on the tiny Llama (two prompts, three temperatures): returns (report.md, results)."""
+    """A small 001 run on a tiny model (two prompts, three temperatures): returns (report.md, results). The tiny
+    Gemma-2's sharper distributions give KLs up to 0.17 nats (the Llama's stay below 0.015)."""
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps([{"prompt": "The capital of France is", "target": "Paris"},
                                    {"prompt": "Romeo and Juliet was written by William", "target": "Shakespeare"}]))
 
-    def run(*extra: str):
-        folder = run_in_process(f"--OUT_DIR={tmp_path / 'out'}", f"--MODEL={tiny_folders['llama']}",
+    def run(*extra: str, model: str = "llama"):
+        folder = run_in_process(f"--OUT_DIR={tmp_path / 'out'}", f"--MODEL={tiny_folders[model]}",
                                 f"--PROMPTS_FILE={prompts}", "--TEMPERATURES=[0.5, 1.0, 2.0]", "--TOP_K=3", *extra)
         return (folder / "report.md").read_text(), json.loads((folder / "results.json").read_text())
     return run
@@ -231,9 +232,10 @@ KL_CHECK = "NORM lens: KL(final || layer) == torch's kl_div against the model's 
 RANK_CHECK = "NORM lens: target rank at T = 0.5, 1, 2 == its rank in the untempered logits"
 
 
-def test_the_tiny_run_passes_every_check(tiny_run):
+@pytest.mark.parametrize("model", ["llama", "gemma2"])
+def test_the_tiny_run_passes_every_check(tiny_run, model):
     """The baseline of the fault tests below: without a fault, every check passes."""
-    report, results = tiny_run()
+    report, results = tiny_run(model=model)
     for fragment in (NORM_CHECK, KL_CHECK, RANK_CHECK, "RAW lens: KL(final || layer)"):
         assert check_line(report, fragment).startswith("- PASS"), fragment
     assert all(prompt["self_check"]["passed"] for prompt in results["prompts"])
@@ -268,7 +270,7 @@ def test_a_wrong_kl_fails_its_check(tiny_run, monkeypatch, fault):
     recomputes it from the model's own logits and fails; the other checks still pass."""
     metrics_of = lens.lens_metrics
     monkeypatch.setattr(lens, "lens_metrics", lambda *args, **kwargs: fault(metrics_of, *args, **kwargs))
-    report, results = tiny_run()
+    report, results = tiny_run(model="gemma2")
     assert check_line(report, KL_CHECK).startswith("- **FAIL**")
     assert check_line(report, NORM_CHECK).startswith("- PASS")
     for prompt in results["prompts"]:
