@@ -15,6 +15,7 @@ from statistics import median
 from common.lens import LensTrajectory, Resolution, key_layers
 from common.prompts import PROMPT_FORMATS, Prompt, Target
 from common.report import check_lines, curves, heatmap, markdown_table, md_escape, visible_token
+from common.tuned_lens import TrainedLens
 
 EXPERIMENT = "001_layers_and_logits"
 PROBES = (("direction", ("forward", "reverse")), ("answer_position", ("target_first", "target_second")))
@@ -80,12 +81,13 @@ class ModelStudy:
     dtype: str
     readings: list[PromptReading]
     notes: list[str] = field(default_factory=list)
-    tuned_lens: dict | None = None  # common.tuned_lens.TrainedLens.summary()
+    tuned_lens: TrainedLens | None = None  # with USE_TUNED_LENS
     checks: list[dict] = field(default_factory=list)
     run_folder: Path | None = None
 
     @property
-    def main(self) -> list[PromptReading]:
+    def main_readings(self) -> list[PromptReading]:
+        """The main prompts: each fact in completion format, first wording (every prompt of a PROMPTS_FILE)."""
         return [r for r in self.readings if r.is_main]
 
     def chosen(self, prompt_format: str, probe: str | None = None, side: str | None = None) -> list[PromptReading]:
@@ -98,8 +100,8 @@ class ModelStudy:
         other = "raw" if self.lens_name == "norm" else "norm"
         results = {"experiment": EXPERIMENT, "model": self.model, "n_layers": self.n_layers, "lens": self.lens_name,
                    "prompts": [r.to_json(other) for r in self.readings]}
-        if self.tuned_lens:
-            results["tuned_lens"] = self.tuned_lens
+        if self.tuned_lens is not None:
+            results["tuned_lens"] = self.tuned_lens.summary()
         return results
 
 
@@ -117,7 +119,7 @@ def resolution_cells(resolution: Resolution) -> list[str]:
 
 def findings(study: ModelStudy) -> list[str]:
     """Two headlines of one model's study in plain words: the first fact, and the median over all facts."""
-    mains, n, name = study.main, study.n_layers, study.model
+    mains, n, name = study.main_readings, study.n_layers, study.model
     if not mains:
         return []
     first = mains[0]
@@ -139,14 +141,14 @@ def findings(study: ModelStudy) -> list[str]:
 def draw_figures(run, study: ModelStudy) -> dict:
     """Heatmaps over layers x main prompts (target probability; top-1 token), and temperature curves;
     with the tuned lens, its heatmaps and the held-out KL of both lenses. Returns {figure: file name}."""
-    mains = study.main
+    mains = study.main_readings
     figures = lens_heatmaps(run, study.model, [r.prompt.text for r in mains], [r.lens for r in mains],
                             study.lens_name.upper(), "")
-    if study.tuned_lens:
+    if study.tuned_lens is not None:
         figures |= lens_heatmaps(run, study.model, [r.prompt.text for r in mains], [r.tuned for r in mains],
                                  "tuned", "tuned_")
         figures["heldout_kl"] = run.save_figure("tuned_heldout_kl.png", heldout_kl_figure(
-            study.tuned_lens["heldout_kl"], f"{study.model}: held-out KL to the final layer, NORM vs tuned lens"))
+            study.tuned_lens.heldout_kl, f"{study.model}: held-out KL to the final layer, NORM vs tuned lens"))
     layers = list(range(study.n_layers + 1))
     series = {"target_prob": [], "entropy": []}
     for temperature in mains[0].by_temperature:
@@ -207,7 +209,7 @@ def report_markdown(study: ModelStudy, figures: dict) -> str:
     out += section_key_layers(study)
     out += section_resolution(study)
     out += [f"![target probability]({figures['target_prob']})", "", f"![top-1 token]({figures['top_token']})", ""]
-    out += section_tuned_lens(study, figures) if study.tuned_lens else []
+    out += section_tuned_lens(study, figures) if study.tuned_lens is not None else []
     out += section_formats(study)
     out += section_direction(study)
     out += section_temperature(study, figures["temperature"])
@@ -217,7 +219,7 @@ def report_markdown(study: ModelStudy, figures: dict) -> str:
 
 
 def section_summary(study: ModelStudy) -> list[str]:
-    mains = study.main
+    mains = study.main_readings
     depths = [r.lens.resolution().first_top1_depth for r in mains if r.lens.final_rank == 0]
     lines = ["## Summary", "",
              f"- Main prompts (first wording, completion format): {len(depths)} of {len(mains)} have the target as "
@@ -247,11 +249,11 @@ def target_heading(reading: PromptReading) -> str:
 
 def section_key_layers(study: ModelStudy) -> list[str]:
     out = ["## Key layers (0, n/6, n/3, n/2, 2n/3, 5n/6, last), main prompts", ""]
-    for r in study.main:
-        t, n = r.lens, study.n_layers
+    for r in study.main_readings:
+        lens, n = r.lens, study.n_layers
         note = f" (the answer takes {r.target.n_tokens} tokens; the first is tracked)" if r.target.n_tokens > 1 else ""
-        rows = [[layer, f"{100 * layer / n:.0f}%", md_escape(t.top_tokens[layer][0][0]), t.top_tokens[layer][0][1],
-                 t.target_prob[layer], t.target_rank[layer], t.entropy[layer], t.kl_to_final[layer]]
+        rows = [[layer, f"{100 * layer / n:.0f}%", md_escape(lens.top_tokens[layer][0][0]), lens.top_tokens[layer][0][1],
+                 lens.target_prob[layer], lens.target_rank[layer], lens.entropy[layer], lens.kl_to_final[layer]]
                 for layer in key_layers(n)]
         out += [f"### {target_heading(r)}{note}", "",
                 markdown_table(["layer", "depth", "top-1", "p(top-1)", "p(target)", "rank", "entropy", "KL to final"],
@@ -261,7 +263,7 @@ def section_key_layers(study: ModelStudy) -> list[str]:
 
 def section_resolution(study: ModelStudy) -> list[str]:
     rows = [[md_escape(r.prompt.text), md_escape(r.target.token), r.lens.final_prob, r.lens.final_rank]
-            + resolution_cells(r.lens.resolution()) for r in study.main]
+            + resolution_cells(r.lens.resolution()) for r in study.main_readings]
     return ["## Resolution depth (main prompts)", "",
             "Top-1 for good: the first layer from which the target stays top-1 to the end. "
             "p > 0.5: the first layer where it passes one half. Entropy drop: the layer whose block lowers "
@@ -272,14 +274,14 @@ def section_resolution(study: ModelStudy) -> list[str]:
 
 def section_tuned_lens(study: ModelStudy, figures: dict) -> list[str]:
     """The tuned lens beside the NORM lens: held-out KL by layer, resolution depth under each, heatmaps."""
-    info, n, lens_name = study.tuned_lens, study.n_layers, study.lens_name.upper()
-    kl_rows = [[layer, f"{100 * layer / n:.0f}%", info["heldout_kl"]["norm"][layer], info["heldout_kl"]["tuned"][layer]]
+    trained, n, lens_name = study.tuned_lens, study.n_layers, study.lens_name.upper()
+    kl_rows = [[layer, f"{100 * layer / n:.0f}%", trained.heldout_kl["norm"][layer], trained.heldout_kl["tuned"][layer]]
                for layer in key_layers(n)]
     rows = [[md_escape(r.prompt.text), md_escape(r.target.token)] + resolution_cells(r.lens.resolution())[:2]
-            + resolution_cells(r.tuned.resolution())[:2] for r in study.main]
+            + resolution_cells(r.tuned.resolution())[:2] for r in study.main_readings]
     return ["## Tuned lens beside the NORM lens", "",
             f"A learned affine translator per layer before the final norm and unembedding (common/tuned_lens.py), "
-            f"trained on {md_escape(info['trained_on'])}. Mean KL(final || lens) in nats on the held-out text:", "",
+            f"trained on {md_escape(trained.trained_on)}. Mean KL(final || lens) in nats on the held-out text:", "",
             markdown_table(["layer", "depth", "NORM lens", "tuned lens"], kl_rows), "",
             f"![held-out KL]({figures['heldout_kl']})", "", "Resolution depth under each lens (main prompts):", "",
             markdown_table(["prompt", "target", f"{lens_name} top-1 for good", f"{lens_name} p > 0.5",
@@ -329,7 +331,7 @@ def section_direction(study: ModelStudy) -> list[str]:
 def section_temperature(study: ModelStudy, figure: str) -> list[str]:
     """Final layer, mean over the main prompts, per temperature; whether every rank is as at T = 1 (the
     temperature self-check compares the same ranks against the untempered logits, prompt by prompt)."""
-    mains, rows = study.main, []
+    mains, rows = study.main_readings, []
     for temperature in mains[0].by_temperature:
         at = [r.by_temperature[temperature] for r in mains]
         means = [sum(getattr(t, key)[-1] for t in at) / len(at) for key in ("target_prob", "entropy", "top_k_mass")]
@@ -391,14 +393,14 @@ def comparison_record(studies: list[ModelStudy]) -> dict:
                                      "resolution": r.lens.resolution().as_record(),
                                      "depth": [layer / s.n_layers for layer in range(s.n_layers + 1)],
                                      "target_prob": r.lens.target_prob, "entropy": r.lens.entropy}
-                                    for r in s.main]} for s in studies]}
+                                    for r in s.main_readings]} for s in studies]}
 
 
 def comparison_figure(studies: list[ModelStudy]):
     """Mean p(target) and mean entropy of the main prompts against depth %, one curve per model."""
     panels = [{"ylabel": "mean p(target)", "series": [], "ylim": (0, 1)}, {"ylabel": "mean entropy (nats)", "series": []}]
     for s in studies:
-        mains, n = s.main, s.n_layers
+        mains, n = s.main_readings, s.n_layers
         depth = [layer / n for layer in range(n + 1)]
         for panel, key in zip(panels, ("target_prob", "entropy")):
             panel["series"].append((s.model, depth, [sum(getattr(r.lens, key)[layer] for r in mains) / len(mains)
@@ -411,12 +413,12 @@ def comparison_markdown(studies: list[ModelStudy], out_dir: Path, figure: str) -
     """The comparison's report.md: per model how many facts resolve and where; per fact, each model's layer."""
     summary = []
     for s in studies:
-        resolved = [r.lens.resolution().first_top1_depth for r in s.main
+        resolved = [r.lens.resolution().first_top1_depth for r in s.main_readings
                     if r.lens.resolution().first_top1_depth is not None]
-        summary.append([s.model, s.n_layers, f"{len(resolved)} of {len(s.main)}",
+        summary.append([s.model, s.n_layers, f"{len(resolved)} of {len(s.main_readings)}",
                         f"{100 * median(resolved):.0f}%" if resolved else "never",
                         md_escape(str(s.run_folder.relative_to(out_dir)))])
-    by_model = [{r.prompt.fact_id: r for r in s.main} for s in studies]
+    by_model = [{r.prompt.fact_id: r for r in s.main_readings} for s in studies]
     rows = [[fact] + ["n/a" if fact not in facts else
                       f"{resolution_cells(facts[fact].lens.resolution())[0]}, final p {facts[fact].lens.final_prob:.6f}"
                       for facts in by_model]

@@ -149,7 +149,7 @@ def study_model(cfg, model) -> ModelStudy:
     readings = [read_prompt(cfg, model, prompt, ids, target, trained) for prompt, ids, target in progress(
         encoded, f"{model.name}: {lens_name.upper()} lens, {model.n_layers + 1} layers", unit="prompt")]
     return ModelStudy(model.name, model.n_layers, lens_name, model.device, str(model.dtype).replace("torch.", ""),
-                      readings, notes + model.notes, trained.summary() if trained else None)
+                      readings, notes + model.notes, trained)
 
 
 def read_prompt(cfg, model, prompt, ids, target, trained) -> PromptReading:
@@ -170,7 +170,7 @@ def self_checks(study: ModelStudy) -> list[dict]:
     own KL and ranks) and the tuned lens."""
     checks = worst_over_prompts([r.lens.checks for r in study.readings])
     checks += worst_over_prompts([r.other_lens.checks[1:] for r in study.readings if r.other_lens])
-    if study.tuned_lens:
+    if study.tuned_lens is not None:
         checks += worst_over_prompts([r.tuned.checks for r in study.readings])
     return checks
 

@@ -6,6 +6,8 @@ layer i = the residual after block i, for i = 1..n_layers. A sweep has n_layers 
 NORM lens: the model's final norm, then the unembedding. RAW lens: the unembedding alone.
 Gemma-2's final logit soft-cap (cap * tanh(x / cap)) is part of the unembedding in both.
 The NORM lens at the last layer is exactly the model's own output: `check_lens_matches_logits`.
+`sweep` reads one prompt into a `LensTrajectory` per temperature (per-layer statistics, typed), each with
+the sweep's self-checks, every one against something computed another way.
 """
 from __future__ import annotations
 
