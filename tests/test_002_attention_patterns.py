@@ -452,6 +452,7 @@ def test_tiny_gemma2_end_to_end_reports_its_local_layers(tmp_path, tiny_folders)
 @pytest.mark.parametrize("args, fragment", [
     (["--DEPTH_RANGE=[0.9,0.1]"], "DEPTH_RANGE must be"),
     (["--TOP_HEADS=0"], "TOP_HEADS must be at least 1"),
+    (["--BATCH_SIZE=0"], "BATCH_SIZE must be 'auto' or a whole number"),
     (["--PROMPTS_FILE=" + json.dumps([{"prompt": "The capital of France is", "target": "Paris",
                                        "subject": "Germany"}])], "does not occur"),
 ])
