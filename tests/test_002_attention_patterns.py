@@ -243,27 +243,27 @@ def test_bridge_patterns_equal_hf_eager_attention_with_gqa(arch, tiny_folders, m
 
 BATCH_PROMPTS = ["The capital of France is", "Romeo and Juliet was written by William Shakespeare, who",
                  "The capital of Spain is", "Hi", LONG_PROMPT, LONG_PROMPT[:-20]]
-# Batches of 3, shortest first: [Hi, France, Spain] and [Romeo, 71 tokens, 75 tokens]; the second pads a prompt
-# past Gemma-2's 64-token sliding window. SmolLM2 (slower, no window) takes the first four.
+# One batch of all, padded to the longest (75 tokens): a 71-token prompt is padded past Gemma-2's 64-token
+# sliding window. SmolLM2 (slower, no window) takes the first three.
 
 
 @pytest.mark.parametrize("spec", ARCHITECTURES + ["smollm2-135m"])
 def test_padded_batches_equal_one_prompt_at_a_time(spec, tiny_folders):
-    """HF eager and the bridge, 3 prompts per forward (right-padded) vs one: each prompt's patterns and
+    """HF eager and the bridge, all prompts in one forward (right-padded) vs one each: each prompt's patterns and
     next-token probabilities agree up to float32 rounding, which other matrix shapes change (measured: below
     2e-7 on the tiny Llama, Qwen3 and Mistral, 5e-6 on the tiny Gemma-2 and SmolLM2). Left padding, or reading
     the wrong block, moves them by far more than the 1e-5 allowed here."""
     from common.models import load_model
     model = load_model(spec if spec == "smollm2-135m" else str(tiny_folders[spec]), "cpu", "float32")  # HF first
-    texts = BATCH_PROMPTS[:4] if spec == "smollm2-135m" else BATCH_PROMPTS
+    texts = BATCH_PROMPTS[:3] if spec == "smollm2-135m" else BATCH_PROMPTS
     sequences = [model.tokenizer(text, return_tensors="pt").input_ids[0] for text in texts]
     assert len({len(ids) for ids in sequences}) == len(texts) - 1  # two of the same length, the others not
     assert spec == "smollm2-135m" or 64 < len(sequences[5]) < len(sequences[4])
-    blocks = list(range(model.n_layers))
+    blocks, together = list(range(model.n_layers)), len(sequences)
     hf = [att.run_in_batches(partial(att.hf_patterns, model.hf_model, blocks=blocks), sequences, size, "cpu", "HF")
-          for size in (3, 1)]
+          for size in (together, 1)]
     bridge = [att.run_in_batches(partial(att.bridge_patterns, model.bridge, blocks=blocks), sequences, size, "cpu",
-                                 "bridge") for size in (3, 1)]
+                                 "bridge") for size in (together, 1)]
     for i, ids in enumerate(sequences):
         assert hf[0][i].shape == hf[1][i].shape == (model.n_layers, model.n_heads, len(ids), len(ids))
         assert (hf[0][i] - hf[1][i]).abs().max() < 1e-5
