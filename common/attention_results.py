@@ -78,11 +78,14 @@ def parse_head_ranking(data, folder: Path) -> HeadRanking:
 def read_head_ranking(results_dir: str | Path, model_slug: str) -> tuple[HeadRanking | None, list[str]]:
     """The newest readable 002 run of this model under `results_dir` (002's OUT_DIR), and notes on what was not.
 
-    Looks at results_dir/<model_slug>/<time>/results.json, newest first; a run that cannot be read or does not
-    have the fields of the module doc is passed over with a note. Returns (None, notes) when no run is usable.
+    Looks at results_dir/<model_slug>/<time>/results.json, newest first (not through the `latest` link, whose
+    target moves); a run that cannot be read or does not have the fields of the module doc is passed over with
+    a note. Returns (None, notes) when no run is usable.
     """
     notes = []
     for path in sorted(Path(results_dir).glob(f"{model_slug}/*/results.json"), reverse=True):
+        if path.parent.is_symlink():  # the `latest` link: the run it points at is read under its own name
+            continue
         try:
             return parse_head_ranking(json.loads(path.read_text()), path.parent), notes
         except (OSError, ValueError) as exc:

@@ -215,7 +215,7 @@ def metric_direction(model, target_id: int, counter_id: int | None = None) -> tu
     """
     with materialized(model.unembedding) as unembedding:
         W_U = unembedding.weight.detach()  # [vocab, d_model]
-        b_U = getattr(unembedding, "bias", None)
+        b_U = unembedding.bias.detach() if getattr(unembedding, "bias", None) is not None else None
         direction = W_U[target_id].float().clone()
         bias = float(b_U[target_id]) if b_U is not None else 0.0
         if counter_id is not None:
