@@ -193,7 +193,7 @@ def length_sorted_batches(prompts: list[torch.Tensor], batch_size: int) -> list[
 def resolve_batch_size(model, prompts: list[torch.Tensor], setting) -> int:
     """Prompts per forward: a number as given, or "auto" (common.batching) for the longest prompt."""
     from .batching import batch_size
-    return batch_size(setting, model, max(p.shape[1] for p in prompts))
+    return batch_size(setting, model, max((p.shape[1] for p in prompts), default=1))
 
 
 @torch.no_grad()
@@ -220,8 +220,9 @@ def padded_forward(model, prompts: list[torch.Tensor]) -> list[tuple[torch.Tenso
         handle.remove()
     rows = torch.arange(len(prompts))
     layers = list(out.hidden_states[: model.n_layers]) + [captured["resid"]]
-    resid = torch.stack([h[rows, last.to(h.device)] for h in layers], dim=1)  # [batch, n_layers + 1, d_model]
-    logits = out.logits[rows, torch.searchsorted(keep, last).to(out.logits.device)]  # [batch, vocab]
+    resid = torch.stack([h[rows.to(h.device), last.to(h.device)] for h in layers], dim=1)  # [batch, layers, d_model]
+    column = torch.searchsorted(keep, last)  # where each row's last position sits among `keep`
+    logits = out.logits[rows.to(out.logits.device), column.to(out.logits.device)]  # [batch, vocab]
     return list(zip(resid, logits))
 
 

@@ -36,6 +36,7 @@ def test_batched_equals_single_in_float32(tiny):
     assert gap <= 1e-5, tiny.config.architectures
     for resid, logits in batched:  # the lens invariant holds for every prompt of a batch
         assert lens.check_lens_matches_logits(tiny, resid[-1], logits)["passed"]
+    assert lens.residual_streams(tiny, [], "auto") == [] and lens.sweeps(tiny, [], []) == []
 
 
 def test_padding_is_what_a_wrong_reading_would_show(tiny):
