@@ -36,6 +36,7 @@ PARAPHRASES = True  # also run the other wordings of each fact (completion forma
 DIRECTION_PROBES = True  # run probes.json: facts asked both ways, and options in both orders
 TEMPERATURES = [0.5, 1.0, 1.5, 2.0]  # softmax temperatures compared (1.0 is always computed)
 TOP_K = 5  # how many top tokens to record per layer
+BATCH_SIZE = "auto"  # prompts per forward pass (padded): "auto" = from free memory and the model's shapes, or a number
 DEVICE = "auto"  # one of "auto", "mps", "cuda" or "cpu": "auto" = mps, else cuda, else cpu
 DTYPE = "auto"  # one of "auto", "float16", "bfloat16" or "float32": "auto" = float16 on a GPU, bfloat16 for Gemma, float32 on the cpu
 MAX_MEMORY_GB = None  # None = load into the memory that is free; a number caps the GB the model holds on the device (the rest is offloaded to CPU memory or disk: slower)
@@ -143,25 +144,29 @@ def study_model(cfg, model) -> ModelStudy:
     """Every prompt of this run read through the lens, layer by layer, at every temperature."""
     prompts, notes = build_prompts(cfg, model)
     # Tokens and targets first: a bad prompt stops the run before any sweep.
-    encoded = [(p, encode(model, p.text), target_token(model.tokenizer, p.text, p.target)) for p in prompts]
+    ids = [encode(model, p.text) for p in prompts]
+    targets = [target_token(model.tokenizer, p.text, p.target) for p in prompts]
     trained = tuned_lens.load_or_train(model) if cfg.USE_TUNED_LENS else None
     lens_name = "norm" if cfg.USE_NORM_LENS else "raw"
-    readings = [read_prompt(cfg, model, prompt, ids, target, trained) for prompt, ids, target in progress(
-        encoded, f"{model.name}: {lens_name.upper()} lens, {model.n_layers + 1} layers", unit="prompt")]
+    sweeps = lens.sweeps(model, ids, [t.token_id for t in targets], cfg.USE_NORM_LENS, cfg.TOP_K, cfg.TEMPERATURES,
+                         cfg.BATCH_SIZE, f"{model.name}: {lens_name.upper()} lens, {model.n_layers + 1} layers")
+    readings = [PromptReading(p, t, token_strings(model.tokenizer, i[0]), s)
+                for p, t, i, s in zip(prompts, targets, ids, sweeps)]
+    read_other_lenses(cfg, model, readings, ids, trained)
     return ModelStudy(model.name, model.n_layers, lens_name, model.device, str(model.dtype).replace("torch.", ""),
                       readings, notes + model.notes, trained)
 
 
-def read_prompt(cfg, model, prompt, ids, target, trained) -> PromptReading:
-    """One prompt (ids [1, seq]) through the run's lens at every temperature; a main prompt also through the
-    other lens (report.html shows NORM and RAW side by side); with a trained tuned lens, through it too."""
-    reading = PromptReading(prompt, target, token_strings(model.tokenizer, ids[0]),
-                            lens.sweep(model, ids, target.token_id, cfg.USE_NORM_LENS, cfg.TOP_K, cfg.TEMPERATURES))
-    if reading.is_main:
-        reading.other_lens = lens.sweep(model, ids, target.token_id, not cfg.USE_NORM_LENS, cfg.TOP_K)[1.0]
-    if trained:
-        reading.tuned = tuned_lens.tuned_sweep(model, trained.lens, ids, target.token_id, cfg.TOP_K)
-    return reading
+def read_other_lenses(cfg, model, readings: list[PromptReading], ids: list, trained):
+    """The main prompts also through the other lens (report.html shows NORM and RAW side by side); with a
+    trained tuned lens, every prompt through it too."""
+    main = [k for k, reading in enumerate(readings) if reading.is_main]
+    other = lens.sweeps(model, [ids[k] for k in main], [readings[k].target.token_id for k in main],
+                        not cfg.USE_NORM_LENS, cfg.TOP_K, batch_size=cfg.BATCH_SIZE)
+    for k, sweep in zip(main, other):
+        readings[k].other_lens = sweep[1.0]
+    for reading, prompt_ids in zip(readings, ids) if trained else ():
+        reading.tuned = tuned_lens.tuned_sweep(model, trained.lens, prompt_ids, reading.target.token_id, cfg.TOP_K)
 
 
 def self_checks(study: ModelStudy) -> list[dict]:

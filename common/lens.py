@@ -15,7 +15,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .batching import batch_size as batch_size_for
 from .checks import check, tolerance
+from .progress import progress
 
 
 @torch.no_grad()
@@ -251,6 +253,13 @@ def sweep(model, input_ids: torch.Tensor, target_id: int, use_norm: bool = True,
     """
     resid, model_logits = residual_stream(model, input_ids)  # [n_layers + 1, d_model], [vocab]
     lens_logits = unembed(model, resid, use_norm)  # [n_layers + 1, vocab]
+    return read_trajectories(model, resid, model_logits, lens_logits, target_id, use_norm, top_k, temperatures)
+
+
+def read_trajectories(model, resid: torch.Tensor, model_logits: torch.Tensor, lens_logits: torch.Tensor,
+                      target_id: int, use_norm: bool, top_k: int, temperatures) -> dict[float, LensTrajectory]:
+    """One prompt's {T: LensTrajectory} with its self-checks, from its residual stream resid [n_layers + 1,
+    d_model], the model's own logits [vocab] and the lens logits [n_layers + 1, vocab] (`sweep`, `sweeps`)."""
     metrics = metrics_by_temperature(lens_logits, target_id, top_k, temperatures)
     label, final_logits = ("NORM lens", model_logits) if use_norm else ("RAW lens", None)
     checks = [check_lens_matches_logits(model, resid[-1], model_logits)]
@@ -353,7 +362,7 @@ def residual_streams(model, prompts: list[torch.Tensor], batch_size="auto") -> l
 
 
 def sweeps(model, prompts: list[torch.Tensor], target_ids: list[int], use_norm: bool = True, top_k: int = 5,
-           temperatures: tuple[float, ...] = (1.0,), batch_size="auto") -> list[dict[float, LensSweep]]:
+           temperatures: tuple[float, ...] = (1.0,), batch_size="auto", description: str = "") -> list[dict[float, LensTrajectory]]:
     """`sweep` of every prompt ([1, seq_i] each, with its target id), in the order of `prompts`.
 
     Forward passes run in padded batches; the unembedding of all layers of many prompts runs as one matrix
@@ -363,14 +372,14 @@ def sweeps(model, prompts: list[torch.Tensor], target_ids: list[int], use_norm: 
     results = [None] * len(prompts)
     vocab_bytes = 4 * model.unembedding.weight.shape[0]
     per_group = max(1, UNEMBED_BYTES // (vocab_bytes * (model.n_layers + 1)))
-    for batch in length_sorted_batches(prompts, resolve_batch_size(model, prompts, batch_size)):
+    batches = length_sorted_batches(prompts, resolve_batch_size(model, prompts, batch_size))
+    for batch in progress(batches, description, unit="batch") if description else batches:
         streams = padded_forward(model, [prompts[i] for i in batch])
         for start in range(0, len(batch), per_group):
             group, group_streams = batch[start: start + per_group], streams[start: start + per_group]
             resid = torch.stack([r for r, _ in group_streams])  # [group, n_layers + 1, d_model]
             lens_logits = unembed(model, resid.flatten(0, 1), use_norm).view(*resid.shape[:2], -1)
             for i, logits, (r, model_logits) in zip(group, lens_logits, group_streams):
-                check = check_lens_matches_logits(model, r[-1], model_logits)
-                results[i] = {t: LensSweep(model, lens_metrics(logits, target_ids[i], top_k, t), check, use_norm, t)
-                              for t in temperatures}
+                results[i] = read_trajectories(model, r, model_logits, logits, target_ids[i], use_norm, top_k,
+                                               temperatures)
     return results

@@ -81,7 +81,7 @@ def test_sweeps_in_unembedding_groups_and_raw_lens(tiny, monkeypatch):
     monkeypatch.setattr(lens, "UNEMBED_BYTES", 1)  # one prompt per unembedding call
     grouped = lens.sweeps(tiny, prompts, [1, 2, 3, 4], use_norm=False, batch_size=4)
     for a, b in zip(whole, grouped):
-        assert not a[1.0].use_norm and a[1.0].target_prob == pytest.approx(b[1.0].target_prob, abs=1e-6)
+        assert a[1.0].target_prob == pytest.approx(b[1.0].target_prob, abs=1e-6)
         assert a[1.0].check["passed"]
 
 
