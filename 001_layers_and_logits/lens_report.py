@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import textwrap
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from statistics import median
 
@@ -16,6 +17,7 @@ from common.lens import LensTrajectory, Resolution, key_layers
 from common.prompts import PROMPT_FORMATS, Prompt, Target
 from common.report import check_lines, curves, heatmap, markdown_table, md_escape, visible_token
 from common.tuned_lens import TrainedLens
+from lens_statistics import statistics, text as stat_text
 
 EXPERIMENT = "001_layers_and_logits"
 PROBES = (("direction", ("forward", "reverse")), ("answer_position", ("target_first", "target_second")))
@@ -84,6 +86,12 @@ class ModelStudy:
     tuned_lens: TrainedLens | None = None  # with USE_TUNED_LENS
     checks: list[dict] = field(default_factory=list)
     run_folder: Path | None = None
+    seed: int = 0  # seeds the bootstrap intervals
+
+    @cached_property
+    def statistics(self) -> dict:
+        """Every statistic over prompts with its 95% interval (lens_statistics.py)."""
+        return statistics(self, self.seed)
 
     @property
     def main_readings(self) -> list[PromptReading]:
@@ -99,7 +107,7 @@ class ModelStudy:
         """The run's results.json (DESIGN.md's 001 contract, plus 001's own fields)."""
         other = "raw" if self.lens_name == "norm" else "norm"
         results = {"experiment": EXPERIMENT, "model": self.model, "n_layers": self.n_layers, "lens": self.lens_name,
-                   "prompts": [r.to_json(other) for r in self.readings]}
+                   "prompts": [r.to_json(other) for r in self.readings], "statistics": self.statistics}
         if self.tuned_lens is not None:
             results["tuned_lens"] = self.tuned_lens.summary()
         return results
@@ -150,6 +158,11 @@ def draw_figures(run, study: ModelStudy) -> dict:
         figures["heldout_kl"] = run.save_figure("tuned_heldout_kl.png", heldout_kl_figure(
             study.tuned_lens.heldout_kl, f"{study.model}: held-out KL to the final layer, NORM vs tuned lens"))
     layers = list(range(study.n_layers + 1))
+    band = study.statistics["p_target_by_layer"]
+    figures["p_target_band"] = run.save_figure("p_target_band.png", curves(
+        [{"ylabel": "mean p(target)", "series": [(f"{study.lens_name.upper()} lens", layers, band["value"],
+                                                  tuple(band["ci95"]))], "ylim": (0, 1)}],
+        f"{study.model}: mean p(target) by layer, 95% band over {band['n']} main prompts", "layer"))
     series = {"target_prob": [], "entropy": []}
     for temperature in mains[0].by_temperature:
         for key in series:
@@ -204,6 +217,7 @@ def report_markdown(study: ModelStudy, figures: dict) -> str:
            f"{study.dtype}. Probabilities at the last prompt position; rank 0 = top-1; "
            "entropy and KL(final || layer) in nats; depth % = layer / n_layers.", ""]
     out += section_summary(study) + [""]
+    out += section_statistics(study, figures)
     out += [f"- Note: {note}" for note in study.notes] + [""]
     out += ["## Self-checks", "", check_lines(study.checks), ""]
     out += section_key_layers(study)
@@ -241,6 +255,31 @@ def section_summary(study: ModelStudy) -> list[str]:
                 lines.append(f"- {kind.replace('_', ' ')}, {side.replace('_', ' ')}: {right} of {len(chosen)} right, "
                              f"mean final p(target) {mean_p:.6f}.")
     return lines
+
+
+def section_statistics(study: ModelStudy, figures: dict) -> list[str]:
+    """The statistics over prompts with their 95% bootstrap intervals, and the per-relation breakdown."""
+    st, percent = study.statistics, True
+    main = st["main_prompts"]
+    out = ["## Statistics over prompts (95% bootstrap intervals, seeded)", "",
+           f"- Right at the final layer (main prompts): {stat_text(main['accuracy'], percent)}.",
+           "- Where it is right, the answer becomes top-1 for good at a median depth of "
+           f"{stat_text(main['first_top1_depth_median'], percent)}."]
+    for prompt_format, record in st["by_format"].items():
+        line = f"- {prompt_format} format: right {stat_text(record['accuracy'], percent)}"
+        if "accuracy_minus_completion" in record:
+            line += f"; minus completion, fact by fact: {stat_text(record['accuracy_minus_completion'], percent)}"
+        out.append(line + ".")
+    for kind in ("direction", "answer_position"):
+        if f"{kind}_bias_final_p" in st:
+            sides = "forward minus reverse" if kind == "direction" else "target first minus target second"
+            out.append(f"- {kind.replace('_', ' ')} bias, final p(target) {sides}: {stat_text(st[kind + '_bias_final_p'])}.")
+    rows = [[relation, stat_text(r["accuracy"], percent), stat_text(r["first_top1_depth_median"], percent)]
+            for relation, r in st["by_relation"].items()]
+    out += ["", "### By relation (main prompts)", "",
+            markdown_table(["relation", "right at the final layer", "median top-1 depth (where right)"], rows), "",
+            f"![p(target) by layer with its band]({figures['p_target_band']})", ""]
+    return out
 
 
 def target_heading(reading: PromptReading) -> str:

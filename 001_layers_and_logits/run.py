@@ -154,7 +154,7 @@ def study_model(cfg, model) -> ModelStudy:
                 for p, t, i, s in zip(prompts, targets, ids, sweeps)]
     read_other_lenses(cfg, model, readings, ids, trained)
     return ModelStudy(model.name, model.n_layers, lens_name, model.device, str(model.dtype).replace("torch.", ""),
-                      readings, notes + model.notes, trained)
+                      readings, notes + model.notes, trained, seed=cfg.SEED)
 
 
 def read_other_lenses(cfg, model, readings: list[PromptReading], ids: list, trained):

@@ -336,3 +336,26 @@ def test_every_check_passes_in_half_precision(tmp_path, tiny_folders, model, dty
     report = (folder / "report.md").read_text()
     checks = report[report.index("## Self-checks"):report.index("## Key layers")]
     assert checks.count("- PASS") == 5 and "FAIL" not in checks, checks
+
+
+def test_statistics_carry_intervals_and_match_the_prompts(norm_and_raw_runs):
+    """results.json "statistics": each a {"value", "ci95", "n"} record whose value agrees with the prompts."""
+    out, _, _ = norm_and_raw_runs
+    norm = next(r for r in (json.loads((f / "results.json").read_text()) for f in run_folders(out))
+                if r["lens"] == "norm")
+    mains = [p for p in norm["prompts"] if p["format"] == "completion" and p["variant"] == 0 and p["probe"] is None]
+    right = [p["layers"][-1]["target_rank"] == 0 for p in mains]
+    stats = norm["statistics"]
+    accuracy = stats["main_prompts"]["accuracy"]
+    assert accuracy["n"] == len(mains) and accuracy["value"] == pytest.approx(sum(right) / len(right))
+    assert accuracy["ci95"][0] <= accuracy["value"] <= accuracy["ci95"][1] and accuracy["ci95"][0] < accuracy["ci95"][1]
+    assert set(stats["by_format"]) == {"completion", "qa", "chat"}
+    assert "accuracy_minus_completion" in stats["by_format"]["qa"]
+    relations = {fact["relation"] for fact in json.loads(
+        (Path(__file__).parent.parent / "001_layers_and_logits" / "prompts.json").read_text())}
+    assert set(stats["by_relation"]) == relations and len(relations) >= 8
+    assert sum(r["accuracy"]["n"] for r in stats["by_relation"].values()) == len(mains)
+    band = stats["p_target_by_layer"]
+    assert len(band["value"]) == 31 and band["n"] == len(mains)
+    assert all(lo <= v <= hi for v, lo, hi in zip(band["value"], *band["ci95"]))
+    assert "direction_bias_final_p" in stats and stats["direction_bias_final_p"]["n"] >= 1
