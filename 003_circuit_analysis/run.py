@@ -83,7 +83,8 @@ def main(cfg):
                   progress(prompts, f"attributing {cfg.METRIC}, {cfg.ABLATION} ablation", unit="prompt")]
 
     # 4. Across prompts, beside 002's heads ranked by attention on the subject (its newest run of this model).
-    across = AcrossPrompts.of(per_prompt, cfg.TOP_K, *read_head_ranking(RESULTS_002, model.slug))
+    ranking_002, notes_002 = read_head_ranking(RESULTS_002, model.slug)
+    across = AcrossPrompts.of(per_prompt, cfg.TOP_K, ranking_002, notes_002)
     results = CircuitResults(model.name, model.n_layers, model.n_heads, model.n_kv_heads, cfg.METRIC, cfg.ABLATION,
                              cfg.ABLATE_EVERY, cfg.TOP_K, model.softcap,
                              attribution.norm_weight_convention(model.final_norm),
