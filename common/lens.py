@@ -9,6 +9,8 @@ The NORM lens at the last layer is exactly the model's own output: `check_lens_m
 """
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, field
+
 import torch
 
 from .checks import check, tolerance
@@ -63,6 +65,8 @@ def lens_metrics(logits: torch.Tensor, target_id: int, top_k: int = 5, temperatu
       probs_top [layers, k], ids_top [layers, k]: the top-k tokens and their probabilities;
       target_prob [layers]; target_rank [layers] (0 = top-1; ties count in the target's favour);
       entropy [layers] in nats; kl_to_final [layers] = KL(final || layer) in nats.
+    The KL is clamped at 0 and its last entry set to 0 (the final layer against itself): `check_kl_to_final`
+    recomputes it another way, so neither can hide a wrong number.
     """
     logits = logits.float() if temperature == 1.0 else logits.float() / temperature
     logp = torch.log_softmax(logits, dim=-1)  # [layers, vocab]; finite for finite logits
@@ -70,8 +74,8 @@ def lens_metrics(logits: torch.Tensor, target_id: int, top_k: int = 5, temperatu
     top = torch.topk(p, top_k, dim=-1)
     target_logit = logits[:, target_id : target_id + 1]  # [layers, 1]
     final_p, final_logp = p[-1], logp[-1]  # [vocab]
-    # KL(final || layer) = sum_v p_f (log p_f - log p_layer), as two matrix-vector products; the final
-    # layer against itself is 0 by definition, not up to rounding.
+    # KL(final || layer) = sum_v p_f (log p_f - log p_layer), as two matrix-vector products (fast); rounding can
+    # take a layer that matches the final one a hair below 0, hence the clamp.
     kl = (final_p @ final_logp - logp @ final_p).clamp_min(0.0)
     kl[-1] = 0.0
     return {
@@ -84,10 +88,21 @@ def lens_metrics(logits: torch.Tensor, target_id: int, top_k: int = 5, temperatu
     }
 
 
+def kl_divergence(final_logits: torch.Tensor, lens_logits: torch.Tensor) -> torch.Tensor:
+    """KL(final || lens) in nats with torch's own kl_div, not clamped. [..., vocab] each (broadcast) -> [...]."""
+    final_logp = torch.log_softmax(final_logits.float(), dim=-1)
+    lens_logp = torch.log_softmax(lens_logits.float(), dim=-1)
+    final_logp = final_logp.expand_as(lens_logp)
+    return torch.nn.functional.kl_div(lens_logp, final_logp, log_target=True, reduction="none").sum(dim=-1)
+
+
 def key_layers(n_layers: int) -> list[int]:
     """The lab's sampled layers: 0, n/6, n/3, n/2, 2n/3, 5n/6 and the last (n), without repeats."""
     picks = [0, n_layers // 6, n_layers // 3, n_layers // 2, 2 * n_layers // 3, 5 * n_layers // 6, n_layers]
     return sorted(set(picks))
+
+
+# ----------------------------------------------------------------------------- self-checks of a sweep
 
 
 def check_lens_matches_logits(model, resid_last: torch.Tensor, model_logits: torch.Tensor) -> dict:
@@ -101,51 +116,144 @@ def check_lens_matches_logits(model, resid_last: torch.Tensor, model_logits: tor
     return check("NORM lens at the last layer == model logits", diff, tolerance(model.dtype, model_logits, 1e-4))
 
 
+def check_kl_to_final(label: str, lens_logits: torch.Tensor, final_logits: torch.Tensor | None,
+                      reported_kl: torch.Tensor, dtype) -> dict:
+    """The reported KL(final || layer) (lens_metrics: matrix products, clamped, last entry set to 0) against
+    torch's kl_div, unclamped: a wrong reference row, a wrong sign or formula shows here.
+
+    lens_logits: [layers, vocab]; reported_kl: [layers]. final_logits: [vocab], the model's own output where the
+    lens's last layer should be it (NORM and tuned lens); None = the lens's last layer (RAW lens: without the
+    final norm it is not the model's output). The difference is relative, |reported - kl_div| / max(1, kl_div):
+    both sum over the whole vocabulary in float32 whatever the model's dtype, and the reported one loses digits
+    (measured over 001's default prompts against float64: at most 1.0e-4 on SmolLM2, 1.1e-3 on Gemma-3's 262k
+    tokens), so 5e-3 is allowed in float32, common.checks' share in half precision (where the model's logits
+    also differ from the lens's a little).
+    """
+    final_name = "the model's own logits" if final_logits is not None else "its own last layer"
+    recomputed = kl_divergence(lens_logits[-1] if final_logits is None else final_logits, lens_logits)  # [layers]
+    relative = ((recomputed - reported_kl.float()).abs() / recomputed.abs().clamp_min(1.0)).max().item()
+    return check(f"{label}: KL(final || layer) == torch's kl_div against {final_name}, every layer (difference "
+                 "relative to max(1, KL))", relative, tolerance(dtype, 1.0, 5e-3))
+
+
+def check_ranks_under_temperature(label: str, lens_logits: torch.Tensor, target_id: int,
+                                  ranks_by_temperature: dict[float, torch.Tensor]) -> dict:
+    """Dividing logits by T > 0 keeps their order, so the target's rank read from each tempered distribution
+    (lens_metrics at T) must equal the rank counted here in the untempered logits: a temperature applied to
+    anything but the whole row, or a rank read wrong, shows here. lens_logits: [layers, vocab]; each ranks
+    tensor: [layers]."""
+    logits = lens_logits.float()
+    reference = torch.count_nonzero(logits > logits[:, target_id : target_id + 1], dim=-1).cpu()  # [layers]
+    worst = max((ranks.cpu() - reference).abs().max().item() for ranks in ranks_by_temperature.values())
+    temperatures = ", ".join(f"{t:g}" for t in ranks_by_temperature)
+    return check(f"{label}: target rank at T = {temperatures} == its rank in the untempered logits, every layer "
+                 "(largest rank change)", worst, 0)
+
+
+def metrics_by_temperature(lens_logits: torch.Tensor, target_id: int, top_k: int, temperatures) -> dict[float, dict]:
+    """{T: lens_metrics at T} for T in `temperatures` and 1.0, in increasing order. lens_logits: [layers, vocab]."""
+    return {t: lens_metrics(lens_logits, target_id, top_k, t) for t in sorted({float(t) for t in temperatures} | {1.0})}
+
+
+def metric_checks(label: str, lens_logits: torch.Tensor, final_logits: torch.Tensor | None, target_id: int,
+                  metrics: dict[float, dict], dtype) -> list[dict]:
+    """The KL check (at T = 1) and the temperature check of one lens's `metrics_by_temperature`."""
+    ranks = {t: m["target_rank"] for t, m in metrics.items()}
+    return [check_kl_to_final(label, lens_logits, final_logits, metrics[1.0]["kl_to_final"], dtype),
+            check_ranks_under_temperature(label, lens_logits, target_id, ranks)]
+
+
 # ----------------------------------------------------------------------------- one prompt, every layer
 
 
-class LensSweep:
-    """Every lens statistic of one prompt, layer by layer (n_layers + 1 entries), plus the self-check.
+@dataclass(frozen=True)
+class Resolution:
+    """Where a prediction resolves along the depth (`resolution_depth`); a layer is None when it never happens."""
+    first_top1_layer: int | None  # from here on the target is top-1 to the end
+    first_top1_depth: float | None
+    first_p50_layer: int | None  # the target's probability first passes 0.5
+    first_p50_depth: float | None
+    entropy_drop_layer: int | None  # the block that lowers the entropy most
+    entropy_drop_depth: float | None
+    entropy_drop_nats: float | None
 
-    Built by `sweep`; `layer_records` gives the results.json "layers" list of the contract.
-    """
+    def as_record(self) -> dict:
+        return asdict(self)
 
-    def __init__(self, model, metrics: dict, check: dict, use_norm: bool, temperature: float = 1.0):
-        self.n_layers = model.n_layers
-        self.use_norm = use_norm
-        self.temperature = temperature
-        self.check = check
-        self.target_prob = metrics["target_prob"].tolist()
-        self.target_rank = metrics["target_rank"].tolist()
-        self.entropy = metrics["entropy"].tolist()
-        self.kl_to_final = metrics["kl_to_final"].tolist()
-        decode = model.tokenizer.decode
-        self.top_tokens = [[(decode([int(i)]), float(p)) for i, p in zip(ids, probs)]
-                           for ids, probs in zip(metrics["ids_top"].tolist(), metrics["probs_top"].tolist())]
+
+@dataclass
+class LensTrajectory:
+    """One prompt read through one lens at one temperature, layer by layer, in the style of tuned-lens'
+    PredictionTrajectory: every list has n_layers + 1 entries (layer 0 = the embeddings .. n = the last block).
+    `checks` are the self-checks of the forward pass it was read from (`sweep`)."""
+    top_tokens: list[list[tuple[str, float]]]  # per layer: the top-k (token text, probability)
+    target_prob: list[float]
+    target_rank: list[int]  # 0 = top-1
+    entropy: list[float]  # nats
+    kl_to_final: list[float]  # KL(final || layer), nats
+    checks: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def from_metrics(cls, metrics: dict, decode, checks: list[dict]) -> LensTrajectory:
+        """From `lens_metrics`' tensors; decode: token id list -> text (the tokenizer's decode)."""
+        top_tokens = [[(decode([int(i)]), float(p)) for i, p in zip(ids, probs)]
+                      for ids, probs in zip(metrics["ids_top"].tolist(), metrics["probs_top"].tolist())]
+        return cls(top_tokens, metrics["target_prob"].tolist(), metrics["target_rank"].tolist(),
+                   metrics["entropy"].tolist(), metrics["kl_to_final"].tolist(), checks)
 
     @property
-    def depth(self) -> list[float]:
-        return [layer / self.n_layers for layer in range(self.n_layers + 1)]
+    def n_layers(self) -> int:
+        return len(self.target_prob) - 1
+
+    @property
+    def check(self) -> dict:
+        """The lens invariant (its last layer == the model's logits), the first of `checks`."""
+        return self.checks[0]
+
+    @property
+    def final_rank(self) -> int:
+        return self.target_rank[-1]
+
+    @property
+    def final_prob(self) -> float:
+        return self.target_prob[-1]
+
+    @property
+    def top_k_mass(self) -> list[float]:
+        """Per layer, the probability the top-k tokens hold together."""
+        return [sum(p for _, p in top) for top in self.top_tokens]
+
+    def resolution(self) -> Resolution:
+        return Resolution(**resolution_depth(self.target_rank, self.target_prob, self.entropy))
 
     def layer_records(self) -> list[dict]:
-        return [{"layer": layer, "depth": self.depth[layer], "top_tokens": [list(t) for t in self.top_tokens[layer]],
+        """The results.json "layers" list of the contract (DESIGN.md)."""
+        return [{"layer": layer, "depth": layer / self.n_layers, "top_tokens": [list(t) for t in self.top_tokens[layer]],
                  "target_prob": self.target_prob[layer], "target_rank": self.target_rank[layer],
                  "entropy": self.entropy[layer], "kl_to_final": self.kl_to_final[layer]}
                 for layer in range(self.n_layers + 1)]
 
 
+def trajectories(model, metrics: dict[float, dict], checks: list[dict]) -> dict[float, LensTrajectory]:
+    """{T: LensTrajectory} from `metrics_by_temperature`, each carrying the same self-checks."""
+    return {t: LensTrajectory.from_metrics(m, model.tokenizer.decode, checks) for t, m in metrics.items()}
+
+
 def sweep(model, input_ids: torch.Tensor, target_id: int, use_norm: bool = True, top_k: int = 5,
-          temperatures: tuple[float, ...] = (1.0,)) -> dict[float, LensSweep]:
+          temperatures: tuple[float, ...] = (1.0,)) -> dict[float, LensTrajectory]:
     """The logit lens over all layers at the last position of one prompt: one forward pass, one unembedding.
 
-    input_ids: [1, seq]. Returns {temperature: LensSweep}; every sweep carries the NORM-lens self-check
-    (computed whatever `use_norm` is, since it checks the model and the lens code, not the mode).
+    input_ids: [1, seq]. Returns {temperature: LensTrajectory} (1.0 always), each with the sweep's checks:
+    the NORM lens at the last layer == the model's logits (whatever `use_norm`: it checks the model and the
+    lens code, not the mode), then `metric_checks` (the KL recomputed, the ranks at every temperature).
     """
     resid, model_logits = residual_stream(model, input_ids)  # [n_layers + 1, d_model], [vocab]
     lens_logits = unembed(model, resid, use_norm)  # [n_layers + 1, vocab]
-    check = check_lens_matches_logits(model, resid[-1], model_logits)
-    return {t: LensSweep(model, lens_metrics(lens_logits, target_id, top_k, t), check, use_norm, t)
-            for t in temperatures}
+    metrics = metrics_by_temperature(lens_logits, target_id, top_k, temperatures)
+    label, final_logits = ("NORM lens", model_logits) if use_norm else ("RAW lens", None)
+    checks = [check_lens_matches_logits(model, resid[-1], model_logits)]
+    checks += metric_checks(label, lens_logits, final_logits, target_id, metrics, model.dtype)
+    return trajectories(model, metrics, checks)
 
 
 def first_layer_staying_true(flags: list[bool]) -> int | None:
