@@ -1,14 +1,16 @@
 """003: direct logit attribution adds up to the metric, ablations match hand-made ones, end to end runs.
 
-The tiny models get random norm weights (and, in one Llama variant, o_proj biases), so a decomposition that
-forgot a norm weight, used the wrong Gemma convention or dropped a bias would not add up.
+The tiny models get random norm weights (and, in one Llama variant, o_proj and lm_head biases), so a
+decomposition that forgot a norm weight, used the wrong Gemma convention or dropped a bias would not add up.
+Each self-check of a run is shown to FAIL in its report when a fault is injected into what it checks.
 """
+import importlib.util
 import json
 
 import pytest
 import torch
 
-from conftest import ARCHITECTURES, assert_fails_cleanly, run_folders, run_script
+from conftest import ARCHITECTURES, REPO, assert_fails_cleanly, run_folders, run_script
 
 SCRIPT = "003_circuit_analysis/run.py"
 PROMPT = "The capital of France is"
@@ -16,7 +18,8 @@ TARGET, COUNTER = "Paris", "London"
 
 
 def _randomize(hf_model, with_bias: bool, seed: int = 0):
-    """Random norm weights everywhere (and o_proj biases when asked), so every term of the attribution matters."""
+    """Random norm weights everywhere (and o_proj and lm_head biases when asked), so every term of the
+    attribution matters. Call it before the bridge boots: it swaps in a new lm_head that has a bias."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, module in hf_model.named_modules():
@@ -24,11 +27,17 @@ def _randomize(hf_model, with_bias: bool, seed: int = 0):
                 module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * 0.3 + 0.5)
             if with_bias and name.endswith("o_proj") and module.bias is not None:
                 module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * 0.05)
+        if with_bias:  # no Hugging Face Llama has an unembedding bias; the attribution must still count one
+            old = hf_model.lm_head
+            hf_model.lm_head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+            hf_model.lm_head.weight.copy_(old.weight)
+            hf_model.lm_head.bias.copy_(torch.randn(old.out_features, generator=generator))
 
 
 @pytest.fixture(scope="module")
 def bias_folder(tmp_path_factory, embedded_folder):
-    """A tiny Llama whose attention projections have biases (attention_bias=True)."""
+    """A tiny Llama whose attention projections have biases (attention_bias=True); `_randomize` adds an lm_head
+    bias."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from tiny_models import tiny_configs
     config = tiny_configs()["llama"]
@@ -105,8 +114,10 @@ def test_pieces_sum_to_the_metric(pair, metric):
     for check in A.decomposition_checks(model, decomposition, attribution, expected, pre, logits[0, -1]):
         assert check["passed"], check
     assert A.norm_weight_convention(model.final_norm) == ("1 + w" if name == "gemma2" else "w")
-    if name == "llama_bias":
-        assert attribution.attn_bias.abs().max() > 1e-4  # the bias term is there and counted
+    if name == "llama_bias":  # both bias terms are there and counted
+        assert attribution.attn_bias.abs().max() > 1e-4 and abs(attribution.unembed_bias) > 1e-2
+        without_unembed_bias = attribution.total() - attribution.unembed_bias
+        assert abs(without_unembed_bias - expected) > 1e-2  # so dropping it would break the sum
     # Dropping the final norm's weight (the unfolded-cache pitfall in DESIGN.md) breaks the sum.
     direction, _ = A.metric_direction(model, target, counter_id)
     weightless = A.direct_logit_attribution(decomposition.resid_final, decomposition.rms_final,
@@ -249,6 +260,29 @@ def test_direct_effect_of_zero_ablation_is_the_attribution(pair):
     assert not torch.allclose(heads_mean, attribution.heads, atol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["zero", "mean"])
+def test_direct_effects_by_the_model_equal_the_attribution_of_what_is_removed(pair, kind):
+    """The self-check's reference (the model's own o_proj, norms and lm_head) against the unfolded attribution,
+    for single heads, single MLPs and a set of several heads in one layer with an MLP."""
+    from common import attribution as A
+    _, model, _ = pair
+    ids, target, counter = _ids_and_tokens(model)
+    _, cache = _cached(model, ids)
+    decomposition = A.decompose_last_position(model, cache)
+    z_values, mlp_values = A.ablation_values(cache, model.n_layers, kind)
+    heads, mlps = A.direct_effects_of_ablation(model, cache, decomposition, z_values, mlp_values, target, counter)
+    top_head = divmod(A.top_indices(heads.flatten(), 1)[0], model.n_heads)
+    top_mlp = A.top_indices(mlps, 1)[0]
+    sets = [([], []), ([top_head], []), ([], [top_mlp]), ([(3, 0), (3, 1), (0, 3)], [1]), ([top_head], [top_mlp])]
+    head_mask, mlp_mask = A.ablation_masks(model.n_layers, model.n_heads, sets)
+    reference = A.direct_effects_by_the_model(model, cache, z_values, mlp_values, head_mask, mlp_mask, target,
+                                              counter)
+    expected = torch.tensor([sum(float(heads[l, h]) for l, h in hs) + sum(float(mlps[l]) for l in ms)
+                             for hs, ms in sets])
+    assert torch.allclose(reference, expected, rtol=1e-4, atol=1e-6), (reference - expected)
+    assert expected[1:].abs().max() > 1e-3  # the sets really remove something
+
+
 # ----------------------------------------------------------------------------- end to end
 
 
@@ -357,11 +391,155 @@ def test_bad_input_fails_with_one_line_and_no_results(tmp_path, tiny_folders, ma
     assert_fails_cleanly(result, out, fragment)
 
 
-def test_offloaded_layers_stop_with_one_line(tiny_folders, tmp_path):
-    """DLA reads every layer's o_proj weight; offloaded layers keep theirs on the meta device (not yet handled)."""
-    prompts = tmp_path / "prompts.json"
-    prompts.write_text(json.dumps([{"prompt": "The capital of France is", "target": "Paris"}]))
-    out = tmp_path / "out"
-    result = run_script(SCRIPT, f"--OUT_DIR={out}", f"--MODEL={tiny_folders['llama']}", f"--PROMPTS_FILE={prompts}",
-                        "--MAX_MEMORY_GB=0.001")
-    assert_fails_cleanly(result, out, "003 cannot yet attribute through offloaded layers")
+# ----------------------------------------------------------------------------- self-checks that can fail
+
+
+def _run_in_process(monkeypatch, tmp_path, model, *toggles: str, inject=None) -> tuple[dict, str]:
+    """Run 003's main() here on an already loaded `model`, after `inject(monkeypatch, run_module)` (a fault) when
+    given; returns (results.json, report.md). Grad mode, which main() switches off, is restored afterwards."""
+    from common.config import parse_toggles
+    spec = importlib.util.spec_from_file_location("run_003_under_test", REPO / SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "load_model", lambda *args, **kwargs: model)
+    if inject is not None:
+        inject(monkeypatch, module)
+    prompts = _write(tmp_path / "prompts.json", json.dumps([{"prompt": PROMPT, "target": TARGET,
+                                                             "counterfactual": COUNTER}]))
+    toggles = [f"--OUT_DIR={tmp_path / 'out'}", f"--PROMPTS_FILE={prompts}", "--TOP_K=2", "--ABLATE_EVERY=False",
+               *toggles]
+    with torch.set_grad_enabled(True):
+        folder = module.main(parse_toggles(vars(module), toggles))
+    return json.loads((folder / "results.json").read_text()), (folder / "report.md").read_text()
+
+
+def _scaled(function, factor: float, which: int | None = None):
+    """`function` with its result (or its result's element `which`) multiplied by `factor`."""
+    def faulty(*args, **kwargs):
+        result = function(*args, **kwargs)
+        if which is None:
+            return result * factor
+        return tuple(part * factor if i == which else part for i, part in enumerate(result))
+    return faulty
+
+
+def _leave_out_the_embeddings(monkeypatch, run):
+    from common import attribution as A
+    decompose = A.decompose_last_position
+
+    def faulty(model, cache):
+        decomposition = decompose(model, cache)
+        decomposition.embed = torch.zeros_like(decomposition.embed)
+        return decomposition
+    monkeypatch.setattr(A, "decompose_last_position", faulty)
+
+
+def _ablate_every_mlp_in_the_clean_row(monkeypatch, run):
+    masks = run.ablation_masks
+
+    def faulty(*args):
+        head_mask, mlp_mask = masks(*args)
+        mlp_mask[0] = True
+        return head_mask, mlp_mask
+    monkeypatch.setattr(run, "ablation_masks", faulty)
+
+
+def _patch_attribution(name: str, make_fault):
+    """An injector that replaces common.attribution's `name` by make_fault(the original)."""
+    def inject(monkeypatch, run):
+        from common import attribution as A
+        monkeypatch.setattr(A, name, make_fault(getattr(A, name)))
+    return inject
+
+
+# fault -> (injector, a part of the name of the check that must FAIL)
+FAULTS = {
+    "embeddings left out of the pieces": (_leave_out_the_embeddings, "residual entering the final norm"),
+    "each head's W_O slice misread": (_patch_attribution("head_outputs", lambda f: _scaled(f, 1.5)),
+                                      "hook_attn_out"),
+    "final norm weight dropped (the unfolded-cache pitfall)": (
+        _patch_attribution("effective_norm_weight", lambda f: lambda norm: torch.ones_like(f(norm))),
+        "DLA pieces add up to the model's metric"),
+    "unembedding bias dropped": (_patch_attribution("metric_direction", lambda f: _scaled(f, 0.0, which=1)),
+                                 "DLA pieces add up to the model's metric"),
+    "clean row of the ablation batch ablates": (_ablate_every_mlp_in_the_clean_row, "ablating nothing"),
+    "direct effects of ablation misweighted": (
+        _patch_attribution("direct_effects_of_ablation", lambda f: _scaled(f, 1.5, which=0)),
+        "direct effect of each ablation"),
+}
+
+
+@pytest.fixture(scope="module")
+def biased(bias_folder):
+    """The tiny Llama with o_proj and lm_head biases and random norm weights, loaded once."""
+    from common.models import load_model
+    model = load_model(str(bias_folder), "cpu", "float32")
+    _randomize(model.hf_model, with_bias=True)
+    return model
+
+
+def test_every_self_check_passes_without_a_fault(monkeypatch, tmp_path, biased):
+    results, report = _run_in_process(monkeypatch, tmp_path, biased, "--METRIC=logit_diff")
+    [record] = results["prompts"]
+    assert len(record["self_checks"]) == 5 and all(c["passed"] for c in record["self_checks"])
+    assert "FAIL" not in report and record["attribution"]["unembed_bias"] != 0
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_each_self_check_fails_when_its_fault_is_injected(monkeypatch, tmp_path, biased, fault):
+    """A check that compared a computation with itself (e.g. the metric replaced by the DLA total) would pass
+    despite the fault, and this test would fail."""
+    inject, check_name = FAULTS[fault]
+    results, report = _run_in_process(monkeypatch, tmp_path, biased, "--METRIC=logit_diff", inject=inject)
+    failed = [c["name"] for c in results["prompts"][0]["self_checks"] if not c["passed"]]
+    assert any(check_name in name for name in failed), (fault, failed)
+    assert any(line.startswith("- **FAIL**") and check_name in line for line in report.splitlines()), fault
+
+
+def test_metric_is_read_from_the_model_not_from_the_attribution(monkeypatch, tmp_path, biased, bias_folder):
+    """The run's metric equals plain Hugging Face's logits (an independent forward), and the pieces add up to it."""
+    from common import attribution as A
+    from common.models import load_model
+    results, _ = _run_in_process(monkeypatch, tmp_path, biased, "--METRIC=logit_diff")
+    reference = load_model(str(bias_folder), "cpu", "float32")
+    _randomize(reference.hf_model, with_bias=True)
+    ids, target, counter = _ids_and_tokens(reference)
+    expected = float(A.metric_from_logits(_hf_pre_softcap_logits(reference, ids), target, counter))
+    [record] = results["prompts"]
+    assert record["metric"] == pytest.approx(expected, abs=1e-5)
+    assert record["attribution"]["total"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_soft_cap_check_fails_when_the_lab_reads_the_wrong_cap(monkeypatch, tmp_path, tiny_folders):
+    from common.models import LoadedModel, load_model
+    gemma2 = load_model(str(tiny_folders["gemma2"]), "cpu", "float32")
+    monkeypatch.setattr(LoadedModel, "softcap", property(lambda self: 20.0))  # the model caps at 30
+    results, report = _run_in_process(monkeypatch, tmp_path, gemma2)
+    [softcap] = [c for c in results["prompts"][0]["self_checks"] if c["name"].startswith("soft-cap")]
+    assert not softcap["passed"] and "**FAIL**: soft-cap 20" in report
+
+
+# ----------------------------------------------------------------------------- offloaded layers (issue 10)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_offloaded_layers_give_the_same_numbers(arch, tiny_folders, tmp_path):
+    """Half the layers on the disk (their o_proj and norm weights stay on "meta" between forwards): the same
+    results.json as in memory, within 1e-5."""
+    from test_scale import _numbers
+    from transformers import AutoConfig
+    from common.models import module_sizes
+    folder = str(tiny_folders[arch])
+    sizes = module_sizes(AutoConfig.from_pretrained(folder), torch.float32)
+    half_the_layers = sizes[""] - sizes["model.layers.2"] - sizes["model.layers.3"] + 1  # bytes: 2 of 4 stay
+    prompts = _write(tmp_path / "prompts.json", json.dumps([{"prompt": PROMPT, "target": TARGET}]))
+    results = []
+    for extra in ([], [f"--MAX_MEMORY_GB={half_the_layers / 1e9}"]):
+        out = tmp_path / str(len(extra))
+        done = run_script(SCRIPT, f"--MODEL={folder}", f"--OUT_DIR={out}", f"--PROMPTS_FILE={prompts}",
+                          "--DEVICE=cpu", "--DTYPE=float32", "--TOP_K=2", "--ABLATION=mean", *extra)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert ("Offloaded: 2 of 4 layers" in done.stderr) == bool(extra)
+        results.append(json.loads((run_folders(out)[0] / "results.json").read_text()))
+    assert all(c["passed"] for c in results[1]["prompts"][0]["self_checks"])
+    assert _numbers(results[0]) == pytest.approx(_numbers(results[1]), abs=1e-5)
