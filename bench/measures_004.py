@@ -14,25 +14,34 @@ BATCH_SIZE = 32  # 004's default BATCH_SIZE
 
 
 def patching_batched_vs_loop() -> float:
-    """Residual patching over all layers x positions: batched (BATCH_SIZE cells per forward) / one forward
-    per cell. Both run every cell (no skipping of unchanged cells), with the same hooks and readout."""
+    """Residual patching over all layers x positions: the engine as 004 runs it (BATCH_SIZE cells per forward,
+    the positions before the first differing token run once per batch from a KV cache) / one whole-prompt
+    forward per cell. Both run every cell (no skipping of unchanged cells), with the same hooks and readout.
+    Also prints the batched engine without the shared prefix, to show what each of the two saves."""
     import torch
 
-    from common import hooks, patching as P
+    from common import hooks
+    from common.interventions import BaseRun, cache_run, run_rows
     from common.models import load_model
+    from common.patching import answer_readout, differing_positions, patch_rows, position_cells
     from common.prompts import encode, target_token
     torch.set_grad_enabled(False)
     model = load_model("smollm2-135m", "cpu", "float32")
     clean, corrupt = encode(model, CLEAN), encode(model, CORRUPT)
-    readout = P.answer_readout(target_token(model.tokenizer, CLEAN, "Paris").token_id,
-                               target_token(model.tokenizer, CORRUPT, "Rome").token_id)
+    readout = answer_readout(target_token(model.tokenizer, CLEAN, "Paris").token_id,
+                             target_token(model.tokenizer, CORRUPT, "Rome").token_id)
     names = hooks.site_names("resid", model.n_layers)
-    _, clean_acts = P.cache_activations(model, clean, names)
-    cells = P.position_cells(names, clean.shape[1])  # 31 layers x 5 positions = 155 cells
+    clean_acts, corrupt_acts = cache_run(model, clean, names).acts, cache_run(model, corrupt, names).acts
+    rows = patch_rows(position_cells(names, clean.shape[1]), clean_acts)  # 31 layers x 5 positions = 155 cells
+    shared = differing_positions(clean, corrupt)[0]
 
-    def run(batch_size):
-        return lambda: P.patch_batched(model, corrupt, cells, clean_acts, readout, batch_size)
-    times = alternating_medians({"batched": run(BATCH_SIZE), "loop": run(1)}, repeats=3, warmup=1)
+    def run(batch_size, prefix):
+        base = BaseRun(corrupt, corrupt_acts, shared_prefix=prefix)
+        return lambda: run_rows(model, base, rows, readout, batch_size, skip_unchanged=False)
+    times = alternating_medians({"batched": run(BATCH_SIZE, shared), "batched, whole prompt": run(BATCH_SIZE, 0),
+                                 "loop": run(1, 0)}, repeats=3, warmup=1)
+    print(f"  batched, whole prompt / loop: {times['batched, whole prompt'] / times['loop']:.3f}; medians "
+          + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in times.items()), flush=True)
     return times["batched"] / times["loop"]
 
 

@@ -22,9 +22,8 @@ divide by the cached scale without multiplying by the norm weight, which is only
 folded (DESIGN.md: 7.52 vs 13.67 measured), and its per-head results skip Gemma's post-attention norm. So the
 weight side (W_O, norm weights, W_U) is read from the Hugging Face modules here.
 
-Ablations replace a head's `hook_z` (all positions) or an MLP's `hook_mlp_out` (all positions) by zero or by
-its mean over the prompt's positions, through the bridge's `run_with_hooks`; many single ablations run as one
-batch, one batch row per ablated set.
+Ablations (a head's `hook_z` or an MLP's `hook_mlp_out` replaced by zero or by its mean over the prompt's
+positions) are run by the lab's one intervention engine, common/interventions.py.
 """
 from __future__ import annotations
 
@@ -39,10 +38,6 @@ from accelerate.utils import align_module_device
 
 from . import hooks
 from .checks import check, tolerance
-from .progress import progress
-
-ABLATIONS = ("zero", "mean")
-
 
 # ----------------------------------------------------------------------------- reading the model
 
@@ -404,21 +399,6 @@ def decomposition_checks(model, decomposition: Decomposition, attribution: Attri
 # ----------------------------------------------------------------------------- ablations
 
 
-def ablation_values(cache, n_layers: int, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """What an ablated head's z and an ablated MLP's output are replaced by, at every position.
-
-    kind: "zero", or "mean" = the clean activation's mean over this prompt's positions.
-    Returns (z_values [n_layers, n_heads, head_dim], mlp_values [n_layers, d_model]) in the cache's dtype.
-    """
-    if kind not in ABLATIONS:
-        raise ValueError(f"ablation must be one of {ABLATIONS}, not {kind!r}")
-    z = torch.stack([cache[hooks.block_site("head", layer)][0] for layer in range(n_layers)])  # [L, seq, H, hd]
-    mlp = torch.stack([cache[hooks.block_site("mlp", layer)][0] for layer in range(n_layers)])  # [L, seq, d]
-    if kind == "zero":
-        return torch.zeros_like(z[:, 0]), torch.zeros_like(mlp[:, 0])
-    return z.mean(dim=1), mlp.mean(dim=1)
-
-
 def position0_share(cache, n_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
     """How much position 0 dominates each component's output: its norm over the median norm of the others.
 
@@ -435,76 +415,6 @@ def position0_share(cache, n_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
         return norms[:, 0] / norms[:, 1:].median(dim=1).values.clamp_min(1e-12)
 
     return ratio(z.norm(dim=-1)).cpu(), ratio(mlp.norm(dim=-1)).cpu()
-
-
-def ablation_hooks(head_mask: torch.Tensor, mlp_mask: torch.Tensor, z_values: torch.Tensor,
-                   mlp_values: torch.Tensor) -> list[tuple[str, object]]:
-    """Bridge forward hooks that ablate, in batch row b, the heads with head_mask[b] and the MLPs with mlp_mask[b].
-
-    head_mask: [batch, n_layers, n_heads] bool; mlp_mask: [batch, n_layers] bool;
-    z_values: [n_layers, n_heads, head_dim]; mlp_values: [n_layers, d_model] (see `ablation_values`).
-    Layers with nothing ablated get no hook. Returns [(hook name, fn)] for `bridge.run_with_hooks`.
-    """
-    hook_list = []
-    for layer in range(head_mask.shape[1]):
-        if head_mask[:, layer].any():
-            def replace_heads(z, hook, mask=head_mask[:, layer], value=z_values[layer]):
-                # z: [batch, seq, n_heads, head_dim]; mask [batch, n_heads]; value [n_heads, head_dim]
-                return torch.where(mask[:, None, :, None].to(z.device), value.to(z.device, z.dtype), z)
-            hook_list.append((hooks.block_site("head", layer), replace_heads))
-        if mlp_mask[:, layer].any():
-            def replace_mlp(out, hook, mask=mlp_mask[:, layer], value=mlp_values[layer]):
-                # out: [batch, seq, d_model]; mask [batch]; value [d_model]
-                return torch.where(mask[:, None, None].to(out.device), value.to(out.device, out.dtype), out)
-            hook_list.append((hooks.block_site("mlp", layer), replace_mlp))
-    return hook_list
-
-
-@torch.no_grad()
-def run_ablations(model, input_ids: torch.Tensor, head_mask: torch.Tensor, mlp_mask: torch.Tensor,
-                  z_values: torch.Tensor, mlp_values: torch.Tensor, target_id: int, counter_id: int | None = None,
-                  batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """The metric and the target's probability at the last position, for each ablated set.
-
-    input_ids: [1, seq]; head_mask [n_sets, n_layers, n_heads] and mlp_mask [n_sets, n_layers] bool (a row with
-    nothing set is the clean run). Runs `batch_size` sets per forward pass (the prompt repeated, no padding).
-    Returns (metric [n_sets], target_prob [n_sets]), float32 on the CPU. The metric is read from the lm_head
-    output (before any soft-cap); the probability from the model's final logits (after it).
-    """
-    metrics, probs = [], []
-    starts = range(0, head_mask.shape[0], batch_size)
-    if len(starts) > 2:  # a bar only where the wait is long (every head and MLP ablated alone)
-        starts = progress(starts, f"ablations, {head_mask.shape[0]} sets", unit="batch")
-    for start in starts:
-        heads, mlps = head_mask[start:start + batch_size], mlp_mask[start:start + batch_size]
-        captured = {}
-
-        def keep_lm_head_output(logits, hook):  # [batch, kept positions, vocab]
-            captured["pre"] = logits[:, -1].float()
-
-        fwd_hooks = ablation_hooks(heads, mlps, z_values, mlp_values) + [(hooks.LOGITS, keep_lm_head_output)]
-        ids = input_ids.to(model.device).expand(heads.shape[0], -1)
-        # logits_to_keep=1 (passed on to the HF model): only the last position is unembedded.
-        logits = model.bridge.run_with_hooks(ids, fwd_hooks=fwd_hooks, logits_to_keep=1)[:, -1].float()
-        metrics.append(metric_from_logits(captured["pre"], target_id, counter_id).cpu())
-        probs.append(torch.softmax(logits, dim=-1)[:, target_id].cpu())
-    return torch.cat(metrics), torch.cat(probs)
-
-
-def ablation_masks(n_layers: int, n_heads: int, sets: list[tuple[list, list]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Masks for `run_ablations`, one row per ablated set.
-
-    sets: [(heads [(layer, head), ...], mlps [layer, ...])]; ([], []) is the clean run.
-    Returns (head_mask [n_sets, n_layers, n_heads], mlp_mask [n_sets, n_layers]) bool.
-    """
-    head_mask = torch.zeros(len(sets), n_layers, n_heads, dtype=torch.bool)
-    mlp_mask = torch.zeros(len(sets), n_layers, dtype=torch.bool)
-    for row, (heads, mlps) in enumerate(sets):
-        for layer, head in heads:
-            head_mask[row, layer, head] = True
-        for layer in mlps:
-            mlp_mask[row, layer] = True
-    return head_mask, mlp_mask
 
 
 # ----------------------------------------------------------------------------- rankings

@@ -1,4 +1,5 @@
 """Shared fixtures: the embedded model and tiny random models of four architectures, all offline."""
+import importlib.util
 import os
 import subprocess
 import sys
@@ -54,6 +55,20 @@ def run_script(script: str, *args: str, timeout: int = 600) -> subprocess.Comple
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     return subprocess.run([sys.executable, str(REPO / script), *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=REPO)
+
+
+def run_in_process(script: str, *args: str) -> Path:
+    """Run an experiment's main() in this process (one torch import for all of them; the tiny models load in
+    well under a second). Grad mode, which 003 switches off globally, is restored afterwards."""
+    import torch
+
+    from common.config import parse_toggles
+    path = REPO / script
+    spec = importlib.util.spec_from_file_location(f"run_{path.parent.name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with torch.set_grad_enabled(True):
+        return Path(module.main(parse_toggles(vars(module), list(args))))
 
 
 def run_folders(out_dir) -> list:

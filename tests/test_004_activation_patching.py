@@ -1,16 +1,22 @@
 """004 activation patching: its identities on tiny models of four architectures, batching against an
 independent one-at-a-time reference, attribution against finite differences, causal tracing, the pure
-helpers, and the experiment end to end (embedded model and a tiny Gemma-2) with its bad inputs."""
+helpers, the experiment end to end (embedded model and a tiny Gemma-2) with its bad inputs, and a fault
+injected under each of the run's self-checks, which its report must show as FAIL."""
 import json
 
 import pytest
 import torch
 
-from common import hooks, patching as P
-from common.lens import first_layer_staying_true
+from common import hooks, interventions, patching
 from common.errors import LabError
-from common.prompts import encode
-from conftest import ARCHITECTURES, assert_fails_cleanly, run_folders, run_script
+from common.interventions import cache_run, run_rows
+from common.lens import first_layer_staying_true
+from common.patching import (EncodedPair, answer_readout, attribution_for_cells, attribution_products, causal_trace,
+                             differing_positions, embedding_std, encode_pair, gaussian_noise, grid_layout,
+                             grid_record, head_cells, load_pairs, normalize, pair_baseline, patch_rows, pearson,
+                             position_cells, strongest_cells, trace_window, window_blocks, window_cells)
+from common.prompts import Target, encode
+from conftest import ARCHITECTURES, assert_fails_cleanly, run_folders, run_in_process, run_script
 
 SCRIPT = "004_activation_patching/run.py"
 CLEAN, CORRUPT = "The capital of France is", "The capital of Italy is"
@@ -29,23 +35,26 @@ def test_site_hook_names_follow_the_lens_layer_convention():
 
 
 def test_cells_are_row_major():
-    cells = P.position_cells(["a", "b"], 3)
+    cells = position_cells(["a", "b"], 3)
     assert cells[4] == [("b", (1,))] and len(cells) == 6
-    heads = P.head_cells(["a", "b"], 2)
+    heads = head_cells(["a", "b"], 2)
     assert heads[3] == [("b", (slice(None), 1))]
-    assert P.head_cells(["a"], 2, position=4)[1] == [("a", (4, 1))]
+    assert head_cells(["a"], 2, position=4)[1] == [("a", (4, 1))]
+    layout = grid_layout("head_final", 3, 2, seq=5)
+    assert layout.shape == (3, 2) and layout.cells[5] == [(hooks.block_site("head", 2), (4, 1))]
+    assert grid_layout("resid", 3, 2, seq=5).shape == (4, 5)
 
 
 @pytest.mark.parametrize("n_layers, window", [(48, 10), (30, 6), (32, 7), (42, 9), (4, 1), (1, 1)])
 def test_trace_window_scales_with_depth(n_layers, window):
-    assert P.trace_window(n_layers) == window
+    assert trace_window(n_layers) == window
 
 
 def test_windows_are_centred_and_clipped():
-    assert list(P.window_blocks(5, 4, 10)) == [3, 4, 5, 6]
-    assert list(P.window_blocks(0, 4, 10)) == [0, 1]
-    assert list(P.window_blocks(9, 4, 10)) == [7, 8, 9]
-    cells = P.window_cells(["m0", "m1", "m2"], 2, 3)
+    assert list(window_blocks(5, 4, 10)) == [3, 4, 5, 6]
+    assert list(window_blocks(0, 4, 10)) == [0, 1]
+    assert list(window_blocks(9, 4, 10)) == [7, 8, 9]
+    cells = window_cells(["m0", "m1", "m2"], 2, 3)
     assert cells[2] == [("m0", (0,)), ("m1", (0,)), ("m2", (0,))]  # block 1, position 0
 
 
@@ -57,15 +66,15 @@ def test_first_layer_staying_true(flags, expected):
 
 def test_normalize_and_pearson():
     values = torch.tensor([-2.0, 1.0, 4.0])
-    assert torch.allclose(P.normalize(values, clean=4.0, corrupt=-2.0), torch.tensor([0.0, 0.5, 1.0]))
-    assert P.pearson(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.0, 4.0, 6.5])) == pytest.approx(0.9986, abs=1e-3)
-    assert P.pearson(torch.tensor([1.0, 1.0, 1.0]), torch.tensor([1.0, 2.0, 3.0])) is None
+    assert torch.allclose(normalize(values, clean=4.0, corrupt=-2.0), torch.tensor([0.0, 0.5, 1.0]))
+    assert pearson(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.0, 4.0, 6.5])) == pytest.approx(0.9986, abs=1e-3)
+    assert pearson(torch.tensor([1.0, 1.0, 1.0]), torch.tensor([1.0, 2.0, 3.0])) is None
 
 
 def test_noise_is_seeded():
-    a, b = P.gaussian_noise(2, 3, 4, 0.5, seed=1), P.gaussian_noise(2, 3, 4, 0.5, seed=1)
+    a, b = gaussian_noise(2, 3, 4, 0.5, seed=1), gaussian_noise(2, 3, 4, 0.5, seed=1)
     assert torch.equal(a, b) and a.shape == (2, 3, 4)
-    assert not torch.equal(a, P.gaussian_noise(2, 3, 4, 0.5, seed=2))
+    assert not torch.equal(a, gaussian_noise(2, 3, 4, 0.5, seed=2))
 
 
 @pytest.mark.parametrize("content, fragment", [
@@ -77,7 +86,7 @@ def test_bad_pairs_files(tmp_path, content, fragment):
     path = tmp_path / "pairs.json"
     path.write_text(content)
     with pytest.raises(LabError, match=fragment):
-        P.load_pairs(path)
+        load_pairs(path)
 
 
 # ----------------------------------------------------------------------------- tiny models
@@ -85,8 +94,7 @@ def test_bad_pairs_files(tmp_path, content, fragment):
 
 def _answers(model, clean_ids, corrupt_ids):
     """Two answer tokens for a random model: its top-1 after the clean and after the corrupt prompt."""
-    clean_logits, _ = P.cache_activations(model, clean_ids, [])
-    corrupt_logits, _ = P.cache_activations(model, corrupt_ids, [])
+    clean_logits, corrupt_logits = cache_run(model, clean_ids, []).logits, cache_run(model, corrupt_ids, []).logits
     first = int(clean_logits.argmax())
     second = int(corrupt_logits.argmax())
     if second == first:
@@ -95,28 +103,25 @@ def _answers(model, clean_ids, corrupt_ids):
 
 
 class Setup:
-    """A pair on one model: tokens, answers, the clean and corrupt activations of every site, all grids."""
+    """A pair on one model: its baseline (the clean and corrupt runs with every site) and every grid's cells."""
 
     def __init__(self, model):
         self.model = model
         self.clean_ids, self.corrupt_ids = encode(model, CLEAN), encode(model, CORRUPT)
         self.seq, n = self.clean_ids.shape[1], model.n_layers
-        self.readout = P.answer_readout(*_answers(model, self.clean_ids, self.corrupt_ids))
-        self.names = [name for site in P.SITES for name in hooks.site_names(site, n)]
-        clean_logits, self.clean_acts = P.cache_activations(model, self.clean_ids, self.names)
-        corrupt_logits, self.corrupt_acts = P.cache_activations(model, self.corrupt_ids, self.names)
-        self.ld_clean = float(self.readout(clean_logits[None])["logit_diff"][0])
-        self.ld_corrupt = float(self.readout(corrupt_logits[None])["logit_diff"][0])
-        z = hooks.site_names("head", n)
-        self.grids = {"resid": P.position_cells(hooks.site_names("resid", n), self.seq),
-                      "attn": P.position_cells(hooks.site_names("attn", n), self.seq),
-                      "mlp": P.position_cells(hooks.site_names("mlp", n), self.seq),
-                      "head_all": P.head_cells(z, model.n_heads),
-                      "head_final": P.head_cells(z, model.n_heads, position=self.seq - 1)}
-        self.all_cells = [cell for cells in self.grids.values() for cell in cells]
+        answers = [Target(i, "", 1) for i in _answers(model, self.clean_ids, self.corrupt_ids)]
+        self.layouts = {g: grid_layout(g, n, model.n_heads, self.seq) for g in GRIDS}
+        self.names = sorted({name for layout in self.layouts.values() for name in layout.hook_names})
+        self.baseline = pair_baseline(model, EncodedPair(self.clean_ids, self.corrupt_ids, *answers), self.names, "t")
+        self.readout = self.baseline.readout
+        self.clean_acts, self.corrupt_acts = self.baseline.clean.acts, self.baseline.corrupt.acts
+        self.ld_clean, self.ld_corrupt = self.baseline.logit_diff_clean, self.baseline.logit_diff_corrupt
+        self.all_cells = [cell for layout in self.layouts.values() for cell in layout.cells]
 
-    def patch(self, ids, cells, source, batch_size=32, **kwargs):
-        return P.patch_batched(self.model, ids, cells, source, self.readout, batch_size, **kwargs)
+    def patch(self, which, cells, source, batch_size=32, skip_unchanged=False):
+        """Patch `cells` from `source` into the clean or corrupt run (with the shared prefix)."""
+        return run_rows(self.model, self.baseline.base(which), patch_rows(cells, source), self.readout, batch_size,
+                        skip_unchanged=skip_unchanged)
 
 
 _setups = {}
@@ -135,20 +140,20 @@ def test_identities(setup):
     residual stream (at the last layer or at the embeddings) turns the corrupt run into the clean one."""
     s = setup
     assert abs(s.ld_clean - s.ld_corrupt) > 1e-3  # the pair is one the tiny model tells apart
-    clean = s.patch(s.clean_ids, s.all_cells, s.clean_acts)["logit_diff"]
-    corrupt = s.patch(s.corrupt_ids, s.all_cells, s.corrupt_acts)["logit_diff"]
+    clean = s.patch("clean", s.all_cells, s.clean_acts)["logit_diff"]
+    corrupt = s.patch("corrupt", s.all_cells, s.corrupt_acts)["logit_diff"]
     assert (clean - s.ld_clean).abs().max() < 1e-4
     assert (corrupt - s.ld_corrupt).abs().max() < 1e-4
     resid = hooks.site_names("resid", s.model.n_layers)
     whole = [[(resid[-1], (slice(None),))], [(resid[0], (slice(None),))]]
-    out = s.patch(s.corrupt_ids, whole, s.clean_acts)["logit_diff"]
+    out = s.patch("corrupt", whole, s.clean_acts)["logit_diff"]
     assert (out - s.ld_clean).abs().max() < 1e-4
-    normalized = P.normalize(out, s.ld_clean, s.ld_corrupt)
+    normalized = normalize(out, s.ld_clean, s.ld_corrupt)
     assert torch.allclose(normalized, torch.ones(2), atol=1e-3)
 
 
 def _patch_one_reference(model, ids, cell, source, readout):
-    """Independent reference: one forward of batch 1 with a plain overwrite hook per patch."""
+    """Independent reference: one forward of batch 1, the whole prompt, a plain overwrite hook per patch."""
     def make(name, index):
         def hook(act, hook):
             act = act.clone()
@@ -162,7 +167,7 @@ def _patch_one_reference(model, ids, cell, source, readout):
 
 def test_batched_equals_one_at_a_time(setup):
     s = setup
-    batched = s.patch(s.corrupt_ids, s.all_cells, s.clean_acts, batch_size=13)["logit_diff"]  # 13: ragged chunks
+    batched = s.patch("corrupt", s.all_cells, s.clean_acts, batch_size=13)["logit_diff"]  # 13: ragged chunks
     picks = list(range(0, len(s.all_cells), 9)) + [len(s.all_cells) - 1]  # every grid, first and last chunk
     alone = torch.stack([_patch_one_reference(s.model, s.corrupt_ids, s.all_cells[i], s.clean_acts, s.readout)
                          for i in picks])
@@ -173,11 +178,11 @@ def test_batched_equals_one_at_a_time(setup):
 def test_skipped_cells_are_exactly_the_unchanged_ones(setup):
     """Positions before the first differing token are the same in both runs: not run, and the same value."""
     s = setup
-    cells = s.grids["resid"] + s.grids["mlp"] + s.grids["head_final"]
-    full = s.patch(s.corrupt_ids, cells, s.clean_acts)
-    skipping = s.patch(s.corrupt_ids, cells, s.clean_acts, base=s.corrupt_acts)
+    cells = s.layouts["resid"].cells + s.layouts["mlp"].cells + s.layouts["head_final"].cells
+    full = s.patch("corrupt", cells, s.clean_acts)
+    skipping = s.patch("corrupt", cells, s.clean_acts, skip_unchanged=True)
     assert full["ran"].all() and not skipping["ran"].all()
-    first_diff = P.differing_positions(s.clean_ids, s.corrupt_ids)[0]
+    first_diff = differing_positions(s.clean_ids, s.corrupt_ids)[0]
     for cell, ran in zip(cells, skipping["ran"].tolist()):
         (name, index), = cell
         assert ran != torch.equal(s.clean_acts[name][index], s.corrupt_acts[name][index]), cell
@@ -197,16 +202,16 @@ def test_attribution_matches_finite_differences(tiny64):
     """Attribution patching is the derivative of the metric along (clean - corrupt) at the corrupt run."""
     s = Setup(tiny64)
     clean_id, corrupt_id = _answers(tiny64, s.clean_ids, s.corrupt_ids)
-    products, ld = P.attribution_products(tiny64, s.corrupt_ids, s.names, s.clean_acts,
-                                          lambda logits: logits[clean_id] - logits[corrupt_id])
+    products, ld = attribution_products(tiny64, s.corrupt_ids, s.names, s.clean_acts,
+                                        lambda logits: logits[clean_id] - logits[corrupt_id])
     assert ld == pytest.approx(s.ld_corrupt, abs=1e-9)
-    cells = [cell for cells in s.grids.values() for cell in cells[-6:]]  # the last rows of every grid
-    estimate = P.attribution_for_cells(products, cells)
+    cells = [cell for layout in s.layouts.values() for cell in layout.cells[-6:]]  # the last rows of every grid
+    estimate = attribution_for_cells(products, cells)
     eps = 3e-3  # HF's eager attention takes its softmax in float32, so a smaller step only adds rounding
     shifted = {sign: {name: s.corrupt_acts[name] + sign * eps * (s.clean_acts[name] - s.corrupt_acts[name])
                       for name in s.names} for sign in (1, -1)}
-    plus = s.patch(s.corrupt_ids, cells, shifted[1])["logit_diff"].double()
-    minus = s.patch(s.corrupt_ids, cells, shifted[-1])["logit_diff"].double()
+    plus = s.patch("corrupt", cells, shifted[1])["logit_diff"].double()
+    minus = s.patch("corrupt", cells, shifted[-1])["logit_diff"].double()
     finite = (plus - minus) / (2 * eps)
     assert estimate.abs().max() > 1e-3  # some cells matter, so the comparison means something
     worst = float((estimate - finite).abs().max() / finite.abs().max())
@@ -215,46 +220,46 @@ def test_attribution_matches_finite_differences(tiny64):
 
 def test_causal_trace(setup):
     s = setup
-    subject = P.differing_positions(s.clean_ids, s.corrupt_ids)
+    subject = differing_positions(s.clean_ids, s.corrupt_ids)
     n = s.model.n_layers
-    cells = P.position_cells(hooks.site_names("resid", n), s.seq) + \
-        P.window_cells(hooks.site_names("mlp", n), s.seq, 2)
+    cells = position_cells(hooks.site_names("resid", n), s.seq) + \
+        window_cells(hooks.site_names("mlp", n), s.seq, 2)
     restore_all = [[(hooks.resid(0), (slice(None),))]]
-    p_clean = float(s.readout(P.cache_activations(s.model, s.clean_ids, [])[0][None])["p_clean"][0])
+    p_clean = cache_run(s.model, s.clean_ids, []).read(s.readout)["p_clean"]
     same = dict(rel=1e-4)  # p(answer) of a random model is ~1/vocab, so compare relatively
-    silent = P.causal_trace(s.model, s.clean_ids, s.clean_acts, cells, s.readout,
+    silent = causal_trace(s.model, s.clean_ids, s.clean_acts, cells, s.readout,
                             torch.zeros(1, len(subject), s.model.d_model), subject, batch_size=16)
     assert silent["p_noised"] == pytest.approx(p_clean, **same)  # zero noise changes nothing
     assert silent["restored"].tolist() == pytest.approx([p_clean] * len(cells), **same)
-    scale = 3 * P.embedding_std(s.model, [s.clean_ids, s.corrupt_ids])  # ROME's level
-    noise = P.gaussian_noise(2, len(subject), s.model.d_model, scale, seed=0)
-    traced = P.causal_trace(s.model, s.clean_ids, s.clean_acts, cells + restore_all, s.readout, noise, subject, 16)
+    scale = 3 * embedding_std(s.model, [s.clean_ids, s.corrupt_ids])  # ROME's level
+    noise = gaussian_noise(2, len(subject), s.model.d_model, scale, seed=0)
+    traced = causal_trace(s.model, s.clean_ids, s.clean_acts, cells + restore_all, s.readout, noise, subject, 16)
     assert traced["p_noised"] != pytest.approx(p_clean, rel=1e-3)  # the noise moves the answer
     assert float(traced["restored"][-1]) == pytest.approx(p_clean, **same)  # restoring everything undoes it
     # Restoring the subject's own embedding (layer 0) undoes all the noise, since it is the only noised state.
     assert len(subject) == 1 and float(traced["restored"][subject[0]]) == pytest.approx(p_clean, **same)
-    again = P.causal_trace(s.model, s.clean_ids, s.clean_acts, cells + restore_all, s.readout, noise, subject, 5)
+    again = causal_trace(s.model, s.clean_ids, s.clean_acts, cells + restore_all, s.readout, noise, subject, 5)
     assert again["restored"].tolist() == pytest.approx(traced["restored"].tolist(), **same)  # other batching
 
 
 def test_pairs_that_cannot_be_patched_are_refused(tiny):
     with pytest.raises(LabError, match=r"same number of tokens.*'The', ' capital'"):
-        P.encode_pair(tiny, {"clean": CLEAN, "corrupt": "The capital city of Italy is", "clean_answer": "Paris",
+        encode_pair(tiny, {"clean": CLEAN, "corrupt": "The capital city of Italy is", "clean_answer": "Paris",
                              "corrupt_answer": "Rome"}, "Pair 0")
     with pytest.raises(LabError, match="both answers start with"):
-        P.encode_pair(tiny, {"clean": CLEAN, "corrupt": CORRUPT, "clean_answer": "Paris",
+        encode_pair(tiny, {"clean": CLEAN, "corrupt": CORRUPT, "clean_answer": "Paris",
                              "corrupt_answer": "Paris"}, "Pair 0")
     with pytest.raises(LabError, match="same tokens"):
-        P.encode_pair(tiny, {"clean": CLEAN, "corrupt": CLEAN, "clean_answer": "Paris",
+        encode_pair(tiny, {"clean": CLEAN, "corrupt": CLEAN, "clean_answer": "Paris",
                              "corrupt_answer": "Rome"}, "Pair 0")
 
 
 def test_built_in_pairs_can_be_patched_on_the_embedded_model(embedded):
     from pathlib import Path
-    pairs = P.load_pairs(Path(__file__).resolve().parent.parent / "004_activation_patching" / "pairs.json")
+    pairs = load_pairs(Path(__file__).resolve().parent.parent / "004_activation_patching" / "pairs.json")
     for i, pair in enumerate(pairs):
-        enc = P.encode_pair(embedded, pair, f"Pair {i}")  # equal token counts, different answer tokens
-        assert P.differing_positions(enc["clean_ids"], enc["corrupt_ids"])
+        enc = encode_pair(embedded, pair, f"Pair {i}")  # equal token counts, different answer tokens
+        assert differing_positions(enc.clean_ids, enc.corrupt_ids)
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -323,16 +328,16 @@ def test_embedded_run_science(embedded_run):
 def test_causal_trace_on_the_embedded_model(embedded):
     """ROME's noise on " France" destroys the answer " Paris"; restoring that clean embedding brings it back."""
     clean_ids, corrupt_ids = encode(embedded, CLEAN), encode(embedded, CORRUPT)
-    subject = P.differing_positions(clean_ids, corrupt_ids)
+    subject = differing_positions(clean_ids, corrupt_ids)
     names = hooks.site_names("resid", embedded.n_layers)
-    clean_logits, clean_acts = P.cache_activations(embedded, clean_ids, names)
-    clean_id = int(clean_logits.argmax())
-    readout = P.answer_readout(clean_id, int(P.cache_activations(embedded, corrupt_ids, [])[0].argmax()))
+    clean = cache_run(embedded, clean_ids, names)
+    clean_logits, clean_acts, clean_id = clean.logits, clean.acts, int(clean.logits.argmax())
+    readout = answer_readout(clean_id, int(cache_run(embedded, corrupt_ids, []).logits.argmax()))
     p_clean = float(torch.softmax(clean_logits.float(), -1)[clean_id])
-    scale = 3 * P.embedding_std(embedded, [clean_ids, corrupt_ids])
-    cells = P.position_cells(names, clean_ids.shape[1])
-    trace = P.causal_trace(embedded, clean_ids, clean_acts, cells, readout,
-                           P.gaussian_noise(1, len(subject), embedded.d_model, scale, seed=0), subject, 64)
+    scale = 3 * embedding_std(embedded, [clean_ids, corrupt_ids])
+    cells = position_cells(names, clean_ids.shape[1])
+    trace = causal_trace(embedded, clean_ids, clean_acts, cells, readout,
+                           gaussian_noise(1, len(subject), embedded.d_model, scale, seed=0), subject, 64)
     assert embedded.tokenizer.decode([clean_id]) == " Paris" and subject == [3]
     assert trace["p_noised"] < 0.5 * p_clean
     assert float(trace["restored"][3]) == pytest.approx(p_clean, abs=1e-4)  # layer 0, position 3
@@ -377,11 +382,14 @@ def test_bad_input_fails_with_one_line_and_no_results(tmp_path, make_args, fragm
 def test_strongest_cells_are_the_largest_changed_estimates():
     estimate = torch.tensor([0.1, -0.9, 0.5, 0.8, -0.2])
     changed = torch.tensor([True, True, True, False, True])  # 0.8 writes nothing new: exactly 0, never chosen
-    assert P.strongest_cells(estimate, changed, 2) == [1, 2]
-    assert P.strongest_cells(estimate, changed, 10) == [0, 1, 2, 4]
-    grid = P.fill_grid(torch.tensor([7.0, 8.0]), [1, 2], (2, 2))
-    assert grid == [[None, 7.0], [8.0, None]]
-    assert P.grid_values(grid)[0, 0].isnan() and P.grid_values(grid)[1, 0] == 8.0
+    assert strongest_cells(estimate, changed, 2) == [1, 2]
+    assert strongest_cells(estimate, changed, 10) == [0, 1, 2, 4]
+    assert grid_record(torch.tensor([[float("nan"), 7.0], [8.0, float("nan")]])) == [[None, 7.0], [8.0, None]]
+
+
+def _grid_values(grid: list[list]) -> torch.Tensor:
+    """A results.json grid as float64 [rows, cols], nan for the cells that were not run."""
+    return torch.tensor([[float("nan") if v is None else v for v in row] for row in grid], dtype=torch.float64)
 
 
 def test_exact_top_confirms_the_screened_cells_with_the_exhaustive_values(tiny_folders, tmp_path):
@@ -401,11 +409,89 @@ def test_exact_top_confirms_the_screened_cells_with_the_exhaustive_values(tiny_f
     assert top["exact_cells"]["resid"]["run"] == top["exact_cells"]["resid"]["of"]  # the resid grid stays exact
     for grid in ("attn", "head_all", "head_final"):
         assert top["exact_cells"][grid]["run"] == 3 < top["exact_cells"][grid]["of"]
-        screened, exhaustive = P.grid_values(top["exact"][grid]), P.grid_values(full["exact"][grid])
+        screened, exhaustive = _grid_values(top["exact"][grid]), _grid_values(full["exact"][grid])
         run = ~screened.isnan()
         assert int(run.sum()) == 3 and not exhaustive.isnan().any()
         assert torch.allclose(screened[run], exhaustive[run], atol=1e-6)
         # the 3 confirmed cells are the 3 largest |attribution| estimates among the changed cells
-        estimate = P.grid_values(top["attribution"][grid]).flatten().abs()
+        estimate = _grid_values(top["attribution"][grid]).flatten().abs()
         assert estimate[run.flatten()].min() >= estimate[~run.flatten() & (exhaustive.flatten() != 0)].max()
     assert all(check["passed"] for check in top["self_checks"])
+
+
+# ----------------------------------------------------------------------------- faults the self-checks must catch
+# Each fault is a bug injected into the run's code path; the run must still finish, and its report must show
+# the self-check that guards against that bug as FAIL (with 004's tolerances set to 1e9, these tests fail).
+
+
+def _attribution_off_by_one(monkeypatch):
+    """The gradient's forward reports a logit difference off by 1."""
+    real = patching.attribution_products
+    monkeypatch.setattr(patching, "attribution_products", lambda *args: (lambda products, value: (
+        products, value + 1.0))(*real(*args)))
+
+
+def _writes_perturbed(monkeypatch):
+    """The engine writes every patch 0.5 off its source value."""
+    real = interventions.edit_hooks
+    monkeypatch.setattr(interventions, "edit_hooks", lambda rows, every_row=(): real(
+        [[(name, index, value + 0.5) for name, index, value in row] for row in rows], every_row))
+
+
+def _writes_into_every_row(monkeypatch):
+    """The engine writes each row's patches into every row of the batch."""
+    real = interventions.edit_hooks
+    monkeypatch.setattr(interventions, "edit_hooks", lambda rows, every_row=(): real(
+        rows, list(every_row) + [edit for row in rows for edit in row]))
+
+
+def _drops_all_position_patches(monkeypatch):
+    """The shared-prefix shift loses the patches of every position (slice(None))."""
+    real = interventions._after_prefix
+    monkeypatch.setattr(interventions, "_after_prefix", lambda edit, base, seq: None if isinstance(
+        edit[1][0], slice) else real(edit, base, seq))
+
+
+def _shifts_positions_by_one(monkeypatch):
+    """The shared-prefix shift writes single positions one position too early."""
+    real = interventions._after_prefix
+
+    def shifted(edit, base, seq):
+        out = real(edit, base, seq)
+        if out is None or isinstance(out[1][0], slice) or out[1][0] == 0:
+            return out
+        name, (position, *rest), value = out
+        return name, (position - 1, *rest), value
+    monkeypatch.setattr(interventions, "_after_prefix", shifted)
+
+
+def _noise_after_restoring(monkeypatch):
+    """Causal tracing's noise is written after the clean states it should give way to."""
+    real = interventions.edit_hooks
+    monkeypatch.setattr(interventions, "edit_hooks", lambda rows, every_row=(): real(
+        [list(row) + list(every_row) for row in rows]))
+
+
+@pytest.mark.parametrize("fault, failing", [
+    (None, []),
+    (_attribution_off_by_one, ["attribution's corrupt forward"]),
+    (_writes_perturbed, ["batched == one plain forward per cell", "clean into clean"]),
+    (_writes_into_every_row, ["corrupt run in a batch, nothing patched"]),
+    (_drops_all_position_patches, ["whole residual at the last layer", "whole residual at layer 0"]),
+    (_shifts_positions_by_one, ["clean into clean", "corrupt into corrupt"]),
+    (_noise_after_restoring, ["causal trace: restoring every clean embedding"]),
+])
+def test_an_injected_fault_shows_as_a_failed_self_check(tiny_folders, tmp_path, monkeypatch, fault, failing):
+    if fault is not None:
+        fault(monkeypatch)
+    tracing = fault in (None, _noise_after_restoring)
+    folder = run_in_process(SCRIPT, f"--MODEL={tiny_folders['llama']}", f"--OUT_DIR={tmp_path}",
+                            f"--PAIRS_FILE={_pairs_file(tmp_path)}", "--SITES=resid", f"--NOISE_TRACING={tracing}",
+                            "--NOISE_SAMPLES=1")
+    checks = json.loads((folder / "results.json").read_text())["pairs"][0]["self_checks"]
+    report = (folder / "report.md").read_text()
+    for fragment in failing:
+        [record] = [c for c in checks if c["name"].startswith(fragment)]
+        assert not record["passed"] and f"**FAIL**: {record['name']}" in report, record
+    if fault is None:
+        assert all(c["passed"] for c in checks) and "FAIL" not in report and len(checks) == 8

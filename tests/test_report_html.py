@@ -8,7 +8,6 @@ tests need no browser: the page's packed library and data round-trip, and no URL
 """
 import base64
 import gzip
-import importlib.util
 import json
 import re
 import shutil
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import run_in_process
 
 from common import html_report
 from common.report import RunFolder, visible_token
@@ -31,20 +30,6 @@ def find_chromium() -> str | None:
 
 
 CHROMIUM = find_chromium()
-
-
-def run_in_process(script: str, *args: str) -> Path:
-    """Run an experiment's main() in this process (one torch import for all of them; the tiny models load in
-    well under a second). Grad mode, which 003 switches off globally, is restored afterwards."""
-    import torch
-
-    from common.config import parse_toggles
-    path = REPO / script
-    spec = importlib.util.spec_from_file_location(f"run_{path.parent.name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    with torch.set_grad_enabled(True):
-        return Path(module.main(parse_toggles(vars(module), list(args))))
 
 
 PROMPTS = [{"prompt": "The capital of France is", "target": "Paris"},
