@@ -287,3 +287,87 @@ def resolution_depth(target_rank: list[int], target_prob: list[float], entropy: 
             "first_p50_layer": first_p50, "first_p50_depth": depth(first_p50),
             "entropy_drop_layer": entropy_drop, "entropy_drop_depth": depth(entropy_drop),
             "entropy_drop_nats": max(drops) if n else None}
+
+
+# ----------------------------------------------------------------------------- many prompts at once
+# The same numbers as `residual_stream` and `sweep`, with prompts run in padded batches. RIGHT padding:
+# each prompt keeps positions 0..len-1, and a causal model's real tokens never attend to the pads that come
+# after them, so every architecture (sliding windows and soft-caps included) gives each row what it would
+# give alone (tests/test_batched_lens.py). Each row is then read at its own last real token.
+
+UNEMBED_BYTES = 256 * 1024 ** 2  # one unembedding call's float32 logits stay under this
+
+
+def length_sorted_batches(prompts: list[torch.Tensor], batch_size: int) -> list[list[int]]:
+    """Indices of `prompts` ([1, seq_i] each) in batches of `batch_size`, shortest first: little padding."""
+    order = sorted(range(len(prompts)), key=lambda i: prompts[i].shape[1])
+    return [order[start: start + batch_size] for start in range(0, len(order), max(1, int(batch_size)))]
+
+
+def resolve_batch_size(model, prompts: list[torch.Tensor], setting) -> int:
+    """Prompts per forward: a number as given, or "auto" (common.batching) for the longest prompt."""
+    from .batching import batch_size
+    return batch_size(setting, model, max(p.shape[1] for p in prompts))
+
+
+@torch.no_grad()
+def padded_forward(model, prompts: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One forward pass over `prompts` ([1, seq_i] each), right-padded, with an attention mask.
+
+    Returns [(resid [n_layers + 1, d_model], logits [vocab])] per prompt at its last real token, in the
+    model's dtype, as `residual_stream` gives them one at a time.
+    """
+    lengths = [p.shape[1] for p in prompts]
+    pad_id = model.tokenizer.pad_token_id or 0  # any id: pads come after the real tokens and are masked
+    ids = torch.full((len(prompts), max(lengths)), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, (prompt, length) in enumerate(zip(prompts, lengths)):
+        ids[row, :length], mask[row, :length] = prompt[0], 1
+    last = torch.tensor(lengths) - 1  # [batch]
+    keep = torch.unique(last)  # the positions whose logits are needed (few: the batch is length-sorted)
+    captured = {}
+    handle = model.final_norm.register_forward_pre_hook(lambda module, args: captured.update(resid=args[0]))
+    try:
+        out = model.hf_model(ids.to(model.device), attention_mask=mask.to(model.device), output_hidden_states=True,
+                             logits_to_keep=keep.to(model.device))
+    finally:
+        handle.remove()
+    rows = torch.arange(len(prompts))
+    layers = list(out.hidden_states[: model.n_layers]) + [captured["resid"]]
+    resid = torch.stack([h[rows, last.to(h.device)] for h in layers], dim=1)  # [batch, n_layers + 1, d_model]
+    logits = out.logits[rows, torch.searchsorted(keep, last).to(out.logits.device)]  # [batch, vocab]
+    return list(zip(resid, logits))
+
+
+def residual_streams(model, prompts: list[torch.Tensor], batch_size="auto") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`residual_stream` of every prompt ([1, seq_i] each), run in padded batches of `batch_size` ("auto" or
+    a number). Returns [(resid [n_layers + 1, d_model], logits [vocab])] in the order of `prompts`."""
+    streams = [None] * len(prompts)
+    for batch in length_sorted_batches(prompts, resolve_batch_size(model, prompts, batch_size)):
+        for i, stream in zip(batch, padded_forward(model, [prompts[i] for i in batch])):
+            streams[i] = stream
+    return streams
+
+
+def sweeps(model, prompts: list[torch.Tensor], target_ids: list[int], use_norm: bool = True, top_k: int = 5,
+           temperatures: tuple[float, ...] = (1.0,), batch_size="auto") -> list[dict[float, LensSweep]]:
+    """`sweep` of every prompt ([1, seq_i] each, with its target id), in the order of `prompts`.
+
+    Forward passes run in padded batches; the unembedding of all layers of many prompts runs as one matrix
+    product (the unembedding's weights are read once per group instead of once per prompt), in groups whose
+    logits stay under UNEMBED_BYTES; the lens metrics and the self-check are then per prompt, as in `sweep`.
+    """
+    results = [None] * len(prompts)
+    vocab_bytes = 4 * model.unembedding.weight.shape[0]
+    per_group = max(1, UNEMBED_BYTES // (vocab_bytes * (model.n_layers + 1)))
+    for batch in length_sorted_batches(prompts, resolve_batch_size(model, prompts, batch_size)):
+        streams = padded_forward(model, [prompts[i] for i in batch])
+        for start in range(0, len(batch), per_group):
+            group, group_streams = batch[start: start + per_group], streams[start: start + per_group]
+            resid = torch.stack([r for r, _ in group_streams])  # [group, n_layers + 1, d_model]
+            lens_logits = unembed(model, resid.flatten(0, 1), use_norm).view(*resid.shape[:2], -1)
+            for i, logits, (r, model_logits) in zip(group, lens_logits, group_streams):
+                check = check_lens_matches_logits(model, r[-1], model_logits)
+                results[i] = {t: LensSweep(model, lens_metrics(logits, target_ids[i], top_k, t), check, use_norm, t)
+                              for t in temperatures}
+    return results

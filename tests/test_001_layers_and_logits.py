@@ -108,6 +108,11 @@ def test_all_formats_paraphrases_and_probes_are_recorded(norm_and_raw_runs):
             assert resolution["first_top1_layer"] is None
 
 
+# The facts of the first runs, all answered by SmolLM2; the larger set keeps facts a model gets wrong.
+FIRST_FACTS = ("france_capital", "germany_capital", "japan_capital", "england_capital", "gold_symbol",
+               "romeo_author", "first_president", "opposite_hot")
+
+
 def test_norm_lens_resolves_late_and_raw_differs(norm_and_raw_runs):
     """The science of the issue: under NORM the answer is top-1 only in the late layers; RAW looks different."""
     out, _, _ = norm_and_raw_runs
@@ -115,6 +120,8 @@ def test_norm_lens_resolves_late_and_raw_differs(norm_and_raw_runs):
             for f in run_folders(out)}
     for norm_prompt, raw_prompt in zip(_main_prompts(runs["norm"]), _main_prompts(runs["raw"])):
         assert norm_prompt["prompt"] == raw_prompt["prompt"]
+        if norm_prompt["fact_id"] not in FIRST_FACTS:
+            continue
         ranks = [layer["target_rank"] for layer in norm_prompt["layers"]]
         assert ranks[-1] == 0, norm_prompt["prompt"]  # the prompts are ones the model answers
         assert all(rank > 0 for rank in ranks[:15])  # not top-1 anywhere in the first half
