@@ -10,7 +10,7 @@ attributed metric is the logit before the final soft-cap (the cap is not linear)
 DLA measures only the direct path (what a component writes that the unembedding reads). Ablation measures
 the total effect: replace a head's output (or an MLP's) by zero or by its mean and run the model again.
 Where the two rankings disagree, a component acts through later layers rather than (or as well as) writing
-the answer itself.
+the answer itself. The results are typed objects (circuit_report.py, beside this file, also writes the report).
 
 Run:   python 003_circuit_analysis/run.py
 Help:  python 003_circuit_analysis/run.py --help

@@ -306,9 +306,10 @@ def frozen_norm(model, scale_hook: str, norm, x: torch.Tensor, scale: torch.Tens
     def freeze(value, hook):
         return scale.to(value.device, value.dtype).expand_as(value).clone()
 
-    with materialized(norm), model.bridge.hooks(fwd_hooks=[(scale_hook, freeze)]), warnings.catch_warnings():
+    with materialized(norm) as module, model.bridge.hooks(fwd_hooks=[(scale_hook, freeze)]), \
+            warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return norm(x.to(model.device, model.dtype))
+        return norm(x.to(module.weight.device, model.dtype))  # (the norm's own device: several GPUs)
 
 
 def removed_at_last_position(model, cache, z_values: torch.Tensor, mlp_values: torch.Tensor,
