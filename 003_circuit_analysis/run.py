@@ -44,7 +44,8 @@ import torch  # noqa: E402
 from common import attribution, hooks, html_report, report  # noqa: E402
 from common.attention import counted_positions, label_prompt, mass_on, token_offsets  # noqa: E402
 from common.attention_results import read_head_ranking  # noqa: E402
-from common.attribution import ablation_masks, ablation_values, run_ablations, top_indices  # noqa: E402
+from common.attribution import top_indices  # noqa: E402
+from common.interventions import ablation_masks, ablation_values, run_ablations  # noqa: E402
 from common.batching import batch_size  # noqa: E402
 from common.checks import check, tolerance  # noqa: E402
 from common.config import parse_toggles  # noqa: E402
