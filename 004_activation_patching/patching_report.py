@@ -73,7 +73,8 @@ def stat_text(record: dict, decimals: int = 2) -> str:
 def findings(results: PatchingResults) -> list[str]:
     """The headline in plain words: the switch across pairs, the most frequent head, then the first pairs."""
     a, n = results.across, results.n_layers
-    lines = [f"Across {a.n_pairs} pairs: the clean run answers clean in {stat_text(a.answered)}; of those, a share "
+    lines = [f"Across {a.n_pairs} pairs: a share {stat_text(a.switchable)} can switch (clean run answers clean, "
+             f"corrupt run does not); of those, a share "
              f"{stat_text(a.switch_share)} switch to the clean answer when the last position's clean residual is "
              f"patched in, at a median depth of {stat_text(a.switch_depth)}; 001's lens resolves at a median "
              f"depth of {stat_text(a.resolution_depth)} (lag, median over pairs: {stat_text(a.lens_lag)})."]
@@ -165,7 +166,8 @@ def switch_strip_figure(results: PatchingResults):
     jitter = np.random.default_rng(0).uniform(-0.15, 0.15, len(results.pairs))  # only separates equal points
     for study, dy in zip(results.pairs, jitter):
         y = relations.index(study.pair.get("relation", "-")) + dy
-        for layer, style in ((study.link.switch_layer, dict(color="C0")), (study.link.resolution_layer,
+        for layer, style in ((study.link.switch_layer, dict(color="C0" if study.can_switch else "lightgrey")),
+                             (study.link.resolution_layer,
                                                                           dict(facecolors="none", edgecolors="C1"))):
             ax.scatter(1.08 if layer is None else layer / n, y, s=30, **style)
     if a.switch_depth["value"] is not None:
@@ -173,6 +175,7 @@ def switch_strip_figure(results: PatchingResults):
         if a.switch_depth["ci95"][0] is not None:
             ax.axvspan(*a.switch_depth["ci95"], color="C0", alpha=0.15)
     ax.scatter([], [], color="C0", label=f"switch depth (median {stat_text(a.switch_depth)}, 95% interval shaded)")
+    ax.scatter([], [], color="lightgrey", label="switch depth of a pair that cannot switch (not counted)")
     ax.scatter([], [], facecolors="none", edgecolors="C1", label="001 lens resolution depth")
     ax.set_xticks([0, 0.25, 0.5, 0.75, 1.0, 1.08], ["0", "0.25", "0.5", "0.75", "1", "never"])
     ax.set_yticks(range(len(relations)), relations)
@@ -269,7 +272,7 @@ def write_report(results: PatchingResults, figures: dict) -> str:
 def across_section(results: PatchingResults, figures: dict) -> list[str]:
     """The statistics over pairs: a table with 95% intervals, the figures, head frequency, per relation."""
     a = results.across
-    rows = [["clean run answers clean (share of pairs)", stat_text(a.answered)],
+    rows = [["pairs that can switch: clean run answers clean, corrupt run does not (share)", stat_text(a.switchable)],
             ["of those, share with a switch layer", stat_text(a.switch_share)],
             ["switch depth (median)", stat_text(a.switch_depth)],
             ["001 lens resolution depth (median)", stat_text(a.resolution_depth)],
@@ -281,7 +284,7 @@ def across_section(results: PatchingResults, figures: dict) -> list[str]:
            "Each statistic: value [95% seeded bootstrap interval] (n = pairs it is over; an interval needs n >= 2). "
            "Depth = layer / n_layers. Switch layer: the first layer from which patching the last position's clean "
            "residual makes the clean answer top-1 (to the last layer); only pairs whose clean run answers clean "
-           "can switch.", "", markdown_table(["statistic", "value [95% interval] (n)"], rows), "",
+           "and whose corrupt run does not can switch (the others would 'switch' never or at layer 0).", "", markdown_table(["statistic", "value [95% interval] (n)"], rows), "",
            f"![switch depth across pairs]({figures['strip']})", ""]
     if "restoration" in figures:
         out += [f"![restoration by layer]({figures['restoration']})", ""]
@@ -289,8 +292,9 @@ def across_section(results: PatchingResults, figures: dict) -> list[str]:
             markdown_table(["head", "share of pairs [95% interval] (n)"],
                            [[h["head"], stat_text(h["share"])] for h in a.heads[:10]]), "",
             "Per relation (intervals are wide or absent with few pairs):", "",
-            markdown_table(["relation", "pairs", "share with a switch", "switch depth (median)"],
-                           [[md_escape(r), v["n"], stat_text(v["switch_share"]), stat_text(v["switch_depth"])]
+            markdown_table(["relation", "pairs", "can switch", "share with a switch", "switch depth (median)"],
+                           [[md_escape(r), v["n"], v["switchable"], stat_text(v["switch_share"]),
+                             stat_text(v["switch_depth"])]
                             for r, v in a.by_relation.items()]), ""]
     return out
 

@@ -620,6 +620,15 @@ class PairStudy:
     def clean_is_top1_in_clean_run(self) -> bool:
         return bool(self.baseline.clean.read(self.baseline.readout)["clean_is_top1"])
 
+    @property
+    def clean_is_top1_in_corrupt_run(self) -> bool:
+        return bool(self.baseline.corrupt.read(self.baseline.readout)["clean_is_top1"])
+
+    @property
+    def can_switch(self) -> bool:
+        """The clean run answers clean and the corrupt run does not: only then can a patch switch the answer."""
+        return self.clean_is_top1_in_clean_run and not self.clean_is_top1_in_corrupt_run
+
     def p_clean_answer(self) -> dict:
         return {which: run.read(self.baseline.readout)["p_clean"]
                 for which, run in (("clean", self.baseline.clean), ("corrupt", self.baseline.corrupt))}
@@ -637,6 +646,7 @@ class PairStudy:
             "logit_diff_clean": b.logit_diff_clean, "logit_diff_corrupt": b.logit_diff_corrupt,
             "p_clean_answer": self.p_clean_answer(),
             "clean_answer_top1_in_clean_run": self.clean_is_top1_in_clean_run,
+            "clean_answer_top1_in_corrupt_run": self.clean_is_top1_in_corrupt_run,
             "exact": {g: grid_record(grid.exact) for g, grid in exact.items()},
             "attribution": {g: grid.attribution.tolist() for g, grid in attribution.items()},
             "correlation": {g: grid.correlation() for g, grid in exact.items() if g in attribution},
@@ -735,9 +745,9 @@ class AcrossPairs:
     """004's statistics over its pairs, each {"value", "ci95", "n"} (common/stats.py); depths are layer /
     n_layers. `as_record()` is results.json's "across_pairs"."""
     n_pairs: int
-    answered: dict  # share of pairs whose clean run answers the clean answer top-1 (only they can switch)
-    switch_share: dict  # of the answered pairs: share with a switch layer
-    switch_depth: dict  # of the answered pairs with a switch: median switch depth
+    switchable: dict  # share of pairs that can switch (`PairStudy.can_switch`)
+    switch_share: dict  # of the switchable pairs: share with a switch layer
+    switch_depth: dict  # of the switchable pairs with a switch: median switch depth
     resolution_depth: dict  # median depth at which 001's lens resolves the clean prompt
     lens_lag: dict  # median over pairs of resolution depth - switch depth (> 0: the lens reads it later)
     subject_until: dict  # median last depth at which the subject's residual restores the answer (>= RESTORED)
@@ -745,7 +755,7 @@ class AcrossPairs:
     restoration: dict  # {"subject"|"last": {"value", "lo", "hi"}}: mean exact resid patch per layer with a 95% band
     heads: list  # head_frequency
     correlation: dict  # {grid: median Pearson r of exact vs attribution over pairs}
-    by_relation: dict  # {relation: {"n", "switch_share", "switch_depth"}}
+    by_relation: dict  # {relation: {"n", "switchable", "switch_share", "switch_depth"}}
 
     def as_record(self) -> dict:
         return dict(self.__dict__) | {"restored_threshold": RESTORED, "top_heads": TOP_HEADS}
@@ -762,9 +772,10 @@ def restoration_bands(curves: list[tuple[list, list]], seed: int) -> dict:
 
 
 def switch_statistics(studies: list[PairStudy], seed: int) -> dict:
-    """Share of pairs with a switch and their median switch depth, over the pairs whose clean run answers
-    clean (a pair the model gets wrong cannot switch to its clean answer)."""
-    depths = [depth(s.link.switch_layer, s.link.n_layers) for s in studies if s.clean_is_top1_in_clean_run]
+    """Share of pairs with a switch and their median switch depth, over the pairs that can switch (the clean
+    run answers clean, the corrupt run does not: a pair whose corrupt run already answers clean would
+    "switch" at layer 0, one whose clean run does not never)."""
+    depths = [depth(s.link.switch_layer, s.link.n_layers) for s in studies if s.can_switch]
     return {"switch_share": share(depths, seed=seed), "switch_depth": interval(depths, "median", seed=seed)}
 
 
@@ -780,7 +791,7 @@ def across_pairs(studies: list[PairStudy], seed: int) -> AcrossPairs:
     for study in studies:
         relations.setdefault(study.pair.get("relation", "-"), []).append(study)
     return AcrossPairs(
-        len(studies), proportion([s.clean_is_top1_in_clean_run for s in studies], seed=seed),
+        len(studies), proportion([s.can_switch for s in studies], seed=seed),
         **switch_statistics(studies, seed), resolution_depth=interval(resolution, "median", seed=seed),
         lens_lag=paired_difference(resolution, switch, "median", seed=seed),
         subject_until=interval([depth(h[0], n) for h in handoffs], "median", seed=seed),
@@ -788,4 +799,5 @@ def across_pairs(studies: list[PairStudy], seed: int) -> AcrossPairs:
         restoration=restoration_bands(curves, seed), heads=head_frequency(list(map(strongest_heads, studies)), seed),
         correlation={g: interval([s.grids[g].correlation() for s in studies if g in s.grids], "median", seed=seed)
                      for g in grids},
-        by_relation={r: {"n": len(group)} | switch_statistics(group, seed) for r, group in relations.items()})
+        by_relation={r: {"n": len(group), "switchable": sum(s.can_switch for s in group)} | switch_statistics(group, seed)
+                     for r, group in relations.items()})
