@@ -167,8 +167,7 @@ def switch_strip_figure(results: PatchingResults):
     for study, dy in zip(results.pairs, jitter):
         y = relations.index(study.pair.get("relation", "-")) + dy
         for layer, style in ((study.link.switch_layer, dict(color="C0" if study.can_switch else "lightgrey")),
-                             (study.link.resolution_layer,
-                                                                          dict(facecolors="none", edgecolors="C1"))):
+                             (study.link.resolution_layer, dict(facecolors="none", edgecolors="C1"))):
             ax.scatter(1.08 if layer is None else layer / n, y, s=30, **style)
     if a.switch_depth["value"] is not None:
         ax.axvline(a.switch_depth["value"], color="C0", linewidth=1)

@@ -30,7 +30,7 @@ PAIRS = "facts"  # one of "facts" or "file": "facts" = N_PAIRS pairs built from 
 N_PAIRS = 20  # with PAIRS = "facts": how many pairs to build (fewer if the fact set has fewer); the statistics across pairs are over these
 FACTS_FILE = None  # None = 001's fact set (001_layers_and_logits/prompts.json); else a fact set in its format
 PAIRS_FILE = None  # None = this folder's pairs.json when PAIRS = "file"; a path here means PAIRS = "file": a JSON list of {"clean", "corrupt", "clean_answer", "corrupt_answer"}
-DETAIL_PAIRS = 4  # the first pairs that get causal tracing (with NOISE_TRACING) and their own heatmaps in report.md; every pair enters the statistics
+DETAIL_PAIRS = 2  # the first pairs that get causal tracing (with NOISE_TRACING) and their own heatmaps in report.md; every pair enters the statistics
 SITES = ["resid", "attn", "mlp", "head"]  # what to patch: any of "resid", "attn", "mlp", "head"
 METHOD = "both"  # one of "exact", "attribution" or "both": a patched run per cell, a gradient estimate, or both
 EXACT = "top"  # one of "top" or "all": for the head/attn/mlp grids, "top" = exact runs only for the EXACT_TOP_K cells attribution ranks highest
