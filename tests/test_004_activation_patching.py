@@ -305,7 +305,7 @@ def test_embedded_run_writes_the_contract_files(embedded_run):
     results = json.loads((folder / "results.json").read_text())
     _check_contract(results, ["resid"], 30, 9)
     report = (folder / "report.md").read_text()
-    assert "PASS: batched == one forward per cell" in report and "FAIL" not in report
+    assert "PASS: batched == one plain forward per cell" in report and "FAIL" not in report
     assert "001 resolution layer" in report and "![resid exact](pair0_resid_exact.png)" in report
 
 
