@@ -12,9 +12,11 @@ import numpy as np
 import torch
 
 from common.attention import BUCKETS, Band, FinalPositionAttention, LabelledPrompt, RankedHead, batches_by_length
+from common.attention_results import interval_text
 from common.report import check_lines, heatmap, markdown_table, md_escape, plt, visible_token
 
 EXPERIMENT = "002_attention_patterns"
+PATTERN_FIGURES = 8  # the top heads' patterns are drawn for the first this many prompts (prompts.json's own)
 SHORT = {"sink": "S", "special": "X", "entity": "E", "relation": "R", "function": "F", "punctuation": "P"}
 
 
@@ -90,9 +92,10 @@ def findings(study: AttentionStudy) -> list[str]:
     if not study.ranking:
         return []
     top, layers = study.ranking[0], study.band.layers
-    return [f"Head L{top.layer}H{top.head} puts {100 * top.mean:.0f}% of the last position's attention on "
-            f"the subject (mean over {len(study.prompts)} prompts), the most of the heads in blocks "
-            f"{layers[0]}-{layers[-1]}."]
+    return [f"Head L{top.layer}H{top.head} puts {interval_text(top.subject_mass, percent=True)} of the last "
+            f"position's attention on the subject (mean [95% interval] over {top.subject_mass['n']} prompts), the "
+            f"most of the heads in blocks {layers[0]}-{layers[-1]}; it is among a prompt's top heads on "
+            f"{interval_text(top.in_top_k, percent=True)} of them."]
 
 
 # ----------------------------------------------------------------------------- figures
@@ -115,7 +118,7 @@ def draw_figures(run, study: AttentionStudy, top_heads: int) -> dict:
     figures["by_type"] = run.save_figure("mass_by_type_per_layer.png", mass_by_type_figure(study))
     top = study.ranking[:top_heads]
     figures["top_heads"] = [run.save_figure(f"top_heads_prompt{p}.png", top_heads_figure(study, prompt, top))
-                            for p, prompt in enumerate(study.prompts) if top]
+                            for p, prompt in enumerate(study.prompts[:PATTERN_FIGURES]) if top]
     return figures
 
 
@@ -217,15 +220,18 @@ def ranking_section(study: AttentionStudy, top_heads: int) -> list[str]:
     rows = []
     for rank, h in enumerate(study.ranking[: max(top_heads, 10)]):
         b = layers.index(h.layer)
-        rows.append([rank + 1, h.layer, f"{100 * study.band.depth(h.layer):.0f}%", h.head, h.kv_head, h.mean, h.std,
-                     h.min, h.top_rate, float(by_bucket[b, h.head, BUCKETS.index("entity")]),
+        rows.append([rank + 1, h.layer, f"{100 * study.band.depth(h.layer):.0f}%", h.head, h.kv_head,
+                     interval_text(h.subject_mass), h.std, h.min, interval_text(h.in_top_k, percent=True),
+                     float(by_bucket[b, h.head, BUCKETS.index("entity")]),
                      float(by_bucket[b, h.head, BUCKETS.index("sink")]), float(previous[b, h.head])])
-    return out + [f"Mean, std and min of the mass on the subject's tokens over those prompts; top-{top_heads} "
-                  f"rate = share of them on which the head is among that prompt's {top_heads} best. "
-                  "Entity, sink and previous (the token just before the final one, which previous-token heads "
-                  "read): mean over all prompts.", "",
-                  markdown_table(["rank", "layer", "depth", "head", "kv head", "subject mean", "subject std",
-                                  "subject min", f"top-{top_heads} rate", "entity", "sink", "previous"], rows), ""]
+    return out + [f"Subject mean [95% interval]: the mass on the subject's tokens, mean over those prompts, with a "
+                  "seeded bootstrap interval over the prompts (common/stats.py); std and min over the same "
+                  f"prompts. In top {top_heads} [95% interval]: the share of them on which the head is among that "
+                  f"prompt's {top_heads} best. Entity, sink and previous (the token just before the final one, "
+                  "which previous-token heads read): mean over all prompts.", "",
+                  markdown_table(["rank", "layer", "depth", "head", "kv head", "subject mean [95% CI]",
+                                  "subject std", "subject min", f"in top {top_heads} [95% CI]", "entity", "sink",
+                                  "previous"], rows), ""]
 
 
 def figures_section(figures: dict) -> list[str]:
