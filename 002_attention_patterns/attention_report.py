@@ -16,8 +16,13 @@ from common.attention_results import interval_text
 from common.report import check_lines, heatmap, markdown_table, md_escape, plt, visible_token
 
 EXPERIMENT = "002_attention_patterns"
-PATTERN_FIGURES = 8  # the top heads' patterns are drawn for the first this many prompts (prompts.json's own)
+PATTERN_FIGURES = 4  # the top heads' patterns are drawn for the first this many prompts (of prompts.json): size
 SHORT = {"sink": "S", "special": "X", "entity": "E", "relation": "R", "function": "F", "punctuation": "P"}
+
+
+def float32_digits(value: float) -> float:
+    """A float32 value with the 7 significant digits float32 holds (its float64 form adds 10 digits of noise)."""
+    return float(f"{value:.7g}")
 
 
 @dataclass
@@ -34,16 +39,22 @@ class PromptResult:
         return [BUCKETS[b] for b in self.labelled.bucket_index]
 
     def as_record(self, band: Band) -> dict:
-        """The prompt as results.json holds it: tokens with their types, and per layer, per head the masses."""
-        p, a, kv_of = self.labelled, self.attention, band.kv_head_of_head
+        """The prompt as results.json holds it: tokens with their types, and per layer, per head the final
+        position's attention row and its mass on the subject (float32's 7 significant digits).
+
+        The masses by bucket, on the sink, the previous and the final token follow exactly from final_row and
+        "buckets" and are not stored: at 60+ prompts they would make results.json over 5 MB.
+        """
+        p, a = self.labelled, self.attention
         layers = [{"layer": layer, "depth": band.depth(layer), "local_window": band.local_windows.get(layer),
-                   "heads": [{"head": h, "kv_head": kv_of[h], "mass": dict(zip(BUCKETS, a.by_bucket[b, h].tolist())),
-                              "subject": float(a.subject[b, h]), "sink": float(a.sink[b, h]),
-                              "previous": float(a.previous[b, h]), "self": float(a.itself[b, h]),
-                              "final_row": a.final_rows[b, h].tolist()} for h in range(band.n_heads)]}
+                   "heads": [{"head": h, "kv_head": band.kv_head_of_head[h],
+                              "subject": float32_digits(float(a.subject[b, h])),
+                              "final_row": [float32_digits(x) for x in a.final_rows[b, h].tolist()]}
+                             for h in range(band.n_heads)]}
                   for b, layer in enumerate(band.layers)]
         return {"prompt": p.prompt.text, "target": p.prompt.target, "target_token_id": p.target.token_id,
-                "target_token": p.target.token, "fact_id": p.prompt.fact_id, "tokens": p.tokens,
+                "target_token": p.target.token, "fact_id": p.prompt.fact_id,
+                "relation": p.prompt.extra.get("relation"), "tokens": p.tokens,
                 "token_types": p.token_types, "buckets": self.buckets, "label_source": p.label_source,
                 "subject_positions": p.subject_positions, "top1_token": self.top1_token,
                 "target_prob": self.target_prob, "layers": layers}

@@ -341,18 +341,27 @@ def draw_figures(run, results: CircuitResults) -> dict:
                "heads_per_prompt": [run.save_figure(f"dla_heads_prompt{p}.png", _head_map(
                    results, r.attribution.heads, f"{name}: {r.prompt.text!r} -> {r.target.token!r}"))
                    for p, r in enumerate(results.prompts[:PROMPT_FIGURES])]}
-    fig, ax = plt.subplots(figsize=(max(6, 0.3 * results.n_layers + 2), 4))
-    x = np.arange(results.n_layers)
-    ax.bar(x - 0.2, across.mean_attn_per_layer.numpy(), width=0.4, label="attention (sum of heads)")
-    ax.bar(x + 0.2, across.mean_mlps.numpy(), width=0.4, label="MLP")
-    ax.axhline(0, color="black", linewidth=0.5)
-    ax.set_xticks(x, list(range(results.n_layers)), fontsize=7)
-    ax.set(xlabel="layer", ylabel=f"{metric} attribution, mean over prompts",
-           title=f"{name}: what each layer writes to the {metric}")
-    ax.legend()
-    figures["layers"] = run.save_figure("attn_vs_mlp_per_layer.png", fig)
+    figures["layers"] = run.save_figure("attn_vs_mlp_per_layer.png", _per_layer_bars(results))
     figures["direct_vs_total"] = run.save_figure("direct_vs_total.png", _direct_vs_total(results))
     return figures
+
+
+def _per_layer_bars(results: CircuitResults):
+    """Bars per layer: what its attention and its MLP write, mean over prompts, with bootstrap 95% error bars."""
+    fig, ax = plt.subplots(figsize=(max(6, 0.3 * results.n_layers + 2), 4))
+    x = np.arange(results.n_layers)
+    for offset, label, per_prompt in ((-0.2, "attention (sum of heads)", [r.attribution.attn_per_layer for r in
+                                                                          results.prompts]),
+                                      (0.2, "MLP", [r.attribution.mlps for r in results.prompts])):
+        value, lo, hi = stats.band(torch.stack(per_prompt).numpy())  # [n_layers] each; NaN with one prompt
+        ax.bar(x + offset, value, width=0.4, label=label,
+               yerr=None if np.isnan(lo).all() else np.stack([value - lo, hi - value]), capsize=1.5)
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.set_xticks(x, list(range(results.n_layers)), fontsize=7)
+    ax.set(xlabel="layer", ylabel=f"{results.metric} attribution, mean over prompts",
+           title=f"{results.model}: what each layer writes to the {results.metric} (bars: 95% interval)")
+    ax.legend()
+    return fig
 
 
 def _direct_vs_total(results: CircuitResults):
