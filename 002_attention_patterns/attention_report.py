@@ -12,10 +12,17 @@ import numpy as np
 import torch
 
 from common.attention import BUCKETS, Band, FinalPositionAttention, LabelledPrompt, RankedHead, batches_by_length
+from common.attention_results import interval_text
 from common.report import check_lines, heatmap, markdown_table, md_escape, plt, visible_token
 
 EXPERIMENT = "002_attention_patterns"
+PATTERN_FIGURES = 4  # the top heads' patterns are drawn for the first this many prompts (of prompts.json): size
 SHORT = {"sink": "S", "special": "X", "entity": "E", "relation": "R", "function": "F", "punctuation": "P"}
+
+
+def float32_digits(value: float) -> float:
+    """A float32 value with the 7 significant digits float32 holds (its float64 form adds 10 digits of noise)."""
+    return float(f"{value:.7g}")
 
 
 @dataclass
@@ -32,16 +39,22 @@ class PromptResult:
         return [BUCKETS[b] for b in self.labelled.bucket_index]
 
     def as_record(self, band: Band) -> dict:
-        """The prompt as results.json holds it: tokens with their types, and per layer, per head the masses."""
-        p, a, kv_of = self.labelled, self.attention, band.kv_head_of_head
+        """The prompt as results.json holds it: tokens with their types, and per layer, per head the final
+        position's attention row and its mass on the subject (float32's 7 significant digits).
+
+        The masses by bucket, on the sink, the previous and the final token follow exactly from final_row and
+        "buckets" and are not stored: at 60+ prompts they would make results.json over 5 MB.
+        """
+        p, a = self.labelled, self.attention
         layers = [{"layer": layer, "depth": band.depth(layer), "local_window": band.local_windows.get(layer),
-                   "heads": [{"head": h, "kv_head": kv_of[h], "mass": dict(zip(BUCKETS, a.by_bucket[b, h].tolist())),
-                              "subject": float(a.subject[b, h]), "sink": float(a.sink[b, h]),
-                              "previous": float(a.previous[b, h]), "self": float(a.itself[b, h]),
-                              "final_row": a.final_rows[b, h].tolist()} for h in range(band.n_heads)]}
+                   "heads": [{"head": h, "kv_head": band.kv_head_of_head[h],
+                              "subject": float32_digits(float(a.subject[b, h])),
+                              "final_row": [float32_digits(x) for x in a.final_rows[b, h].tolist()]}
+                             for h in range(band.n_heads)]}
                   for b, layer in enumerate(band.layers)]
         return {"prompt": p.prompt.text, "target": p.prompt.target, "target_token_id": p.target.token_id,
-                "target_token": p.target.token, "fact_id": p.prompt.fact_id, "tokens": p.tokens,
+                "target_token": p.target.token, "fact_id": p.prompt.fact_id,
+                "relation": p.prompt.extra.get("relation"), "tokens": p.tokens,
                 "token_types": p.token_types, "buckets": self.buckets, "label_source": p.label_source,
                 "subject_positions": p.subject_positions, "top1_token": self.top1_token,
                 "target_prob": self.target_prob, "layers": layers}
@@ -90,9 +103,10 @@ def findings(study: AttentionStudy) -> list[str]:
     if not study.ranking:
         return []
     top, layers = study.ranking[0], study.band.layers
-    return [f"Head L{top.layer}H{top.head} puts {100 * top.mean:.0f}% of the last position's attention on "
-            f"the subject (mean over {len(study.prompts)} prompts), the most of the heads in blocks "
-            f"{layers[0]}-{layers[-1]}."]
+    return [f"Head L{top.layer}H{top.head} puts {interval_text(top.subject_mass, percent=True)} of the last "
+            f"position's attention on the subject (mean [95% interval] over {top.subject_mass['n']} prompts), the "
+            f"most of the heads in blocks {layers[0]}-{layers[-1]}; it is among a prompt's top heads on "
+            f"{interval_text(top.in_top_k, percent=True)} of them."]
 
 
 # ----------------------------------------------------------------------------- figures
@@ -115,7 +129,7 @@ def draw_figures(run, study: AttentionStudy, top_heads: int) -> dict:
     figures["by_type"] = run.save_figure("mass_by_type_per_layer.png", mass_by_type_figure(study))
     top = study.ranking[:top_heads]
     figures["top_heads"] = [run.save_figure(f"top_heads_prompt{p}.png", top_heads_figure(study, prompt, top))
-                            for p, prompt in enumerate(study.prompts) if top]
+                            for p, prompt in enumerate(study.prompts[:PATTERN_FIGURES]) if top]
     return figures
 
 
@@ -217,15 +231,18 @@ def ranking_section(study: AttentionStudy, top_heads: int) -> list[str]:
     rows = []
     for rank, h in enumerate(study.ranking[: max(top_heads, 10)]):
         b = layers.index(h.layer)
-        rows.append([rank + 1, h.layer, f"{100 * study.band.depth(h.layer):.0f}%", h.head, h.kv_head, h.mean, h.std,
-                     h.min, h.top_rate, float(by_bucket[b, h.head, BUCKETS.index("entity")]),
+        rows.append([rank + 1, h.layer, f"{100 * study.band.depth(h.layer):.0f}%", h.head, h.kv_head,
+                     interval_text(h.subject_mass), h.std, h.min, interval_text(h.in_top_k, percent=True),
+                     float(by_bucket[b, h.head, BUCKETS.index("entity")]),
                      float(by_bucket[b, h.head, BUCKETS.index("sink")]), float(previous[b, h.head])])
-    return out + [f"Mean, std and min of the mass on the subject's tokens over those prompts; top-{top_heads} "
-                  f"rate = share of them on which the head is among that prompt's {top_heads} best. "
-                  "Entity, sink and previous (the token just before the final one, which previous-token heads "
-                  "read): mean over all prompts.", "",
-                  markdown_table(["rank", "layer", "depth", "head", "kv head", "subject mean", "subject std",
-                                  "subject min", f"top-{top_heads} rate", "entity", "sink", "previous"], rows), ""]
+    return out + [f"Subject mean [95% interval]: the mass on the subject's tokens, mean over those prompts, with a "
+                  "seeded bootstrap interval over the prompts (common/stats.py); std and min over the same "
+                  f"prompts. In top {top_heads} [95% interval]: the share of them on which the head is among that "
+                  f"prompt's {top_heads} best. Entity, sink and previous (the token just before the final one, "
+                  "which previous-token heads read): mean over all prompts.", "",
+                  markdown_table(["rank", "layer", "depth", "head", "kv head", "subject mean [95% CI]",
+                                  "subject std", "subject min", f"in top {top_heads} [95% CI]", "entity", "sink",
+                                  "previous"], rows), ""]
 
 
 def figures_section(figures: dict) -> list[str]:

@@ -2,11 +2,17 @@
 
 001 showed that the answer resolves in the upper-middle of the network. Here we look at every attention
 head of the blocks in that band of depth, on this folder's prompts.json (eight facts whose subject is named
-by hand and is not the token just before the final one), and ask where the final position (the one that
+by hand and is not the token just before the final one) and, by default, 60 facts of 001's fact set (six per
+relation, subject from the fact), and ask where the final position (the one that
 predicts the answer) looks: at the entities ("France"), the relation words ("capital"), function words
 ("the", "of"), punctuation, special tokens, or the attention sink at position 0, which soaks up most of the
 attention of many heads. Heads that look hard and consistently at the subject entity are the candidates for
-factual retrieval that 003 will test.
+factual retrieval that 003 will test. Over the set, each head's subject mass and how often it is among a
+prompt's top heads come with bootstrap 95% intervals over the prompts (common/stats.py).
+
+Why the facts are read from 001's file (the FACTS toggle) and not copied into prompts.json: the lab has one
+fact set; a copy would drift from it as it grows, while prompts.json keeps the hand-labelled prompts that
+test the labelling (subjects that are not the token before the last one).
 
 Grouped-query attention: the query heads of a layer share fewer key/value heads; query head h reads
 key/value head h // (n_heads // n_kv_heads). Each query head has its own pattern, and all are analysed.
@@ -22,7 +28,8 @@ sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).
 # ----------------------------------------------------------------------------- toggles
 MODEL = "smollm2-135m"  # embedded model, Hugging Face id (e.g. "Qwen/Qwen3-8B"), local folder or .gguf file
 DEPTH_RANGE = (0.40, 0.85)  # which blocks, as a fraction of depth: block i sits at depth (i + 1) / n_layers
-PROMPTS_FILE = None  # None = this folder's prompts.json; else a JSON list of {"prompt", "target"}, optional "subject"/"types"
+PROMPTS_FILE = None  # None = this folder's prompts.json plus FACTS facts; else a JSON list of {"prompt", "target"}, optional "subject"/"types", used alone
+FACTS = 60  # with the default prompts: also rank heads over this many facts of 001's fact set, relations taking turns (0 = only prompts.json)
 TOP_HEADS = 5  # how many heads to rank and draw as subject-entity candidates
 INCLUDE_BOS = False  # count position 0 (BOS or first token, the attention sink) under its token type too
 BATCH_SIZE = "auto"  # prompts per forward pass (right-padded): "auto" = from free memory and the model's shapes, or a number
@@ -30,7 +37,7 @@ DEVICE = "auto"  # one of "auto", "mps", "cuda" or "cpu": "auto" = mps, else cud
 DTYPE = "auto"  # one of "auto", "float16", "bfloat16" or "float32": "auto" = float16 on a GPU, bfloat16 for Gemma, float32 on the cpu
 MAX_MEMORY_GB = None  # None = load into the memory that is free; a number caps the GB the model holds on the device (the rest is offloaded to CPU memory or disk: slower)
 OUT_DIR = str(Path(__file__).resolve().parent / "results")  # run folders go to OUT_DIR/<model>/<time>/
-SEED = 0  # random seed (the analysis itself is deterministic)
+SEED = 0  # random seed: torch and the bootstrap intervals over prompts (same seed, same intervals)
 # ----------------------------------------------------------------------------- end of toggles
 
 import common  # noqa: E402,F401 - first: it sets PYTORCH_ENABLE_MPS_FALLBACK before torch loads
@@ -49,6 +56,7 @@ from attention_report import (EXPERIMENT, AttentionStudy, PromptResult, draw_fig
 
 HERE = Path(__file__).resolve().parent
 OWN_PROMPTS = HERE / "prompts.json"  # the default prompts, with hand-named subjects (a data file, not code)
+FACT_SET = HERE.parent / "001_layers_and_logits" / "prompts.json"  # the lab's fact set (common/facts.py)
 
 
 def main(cfg):
@@ -56,7 +64,7 @@ def main(cfg):
     attention.check_depth_range(cfg.DEPTH_RANGE)
     if cfg.TOP_HEADS < 1:
         raise LabError(f"TOP_HEADS must be at least 1, not {cfg.TOP_HEADS}.")
-    prompts = load_prompt_list(cfg.PROMPTS_FILE or OWN_PROMPTS, facts_file=None)  # also checks the hand labels
+    prompts = read_prompts(cfg)
     torch.manual_seed(cfg.SEED)
 
     # 2. Load the model; pick the band; tokenize and label every prompt.
@@ -76,7 +84,7 @@ def main(cfg):
 
     # 4. Where each prompt's final position looks; the heads ranked by attention on the subject.
     results = [prompt_result(p, pattern, logits, model.tokenizer) for p, (pattern, logits) in zip(labelled, readouts)]
-    ranking = rank_heads(results, band, cfg.TOP_HEADS)
+    ranking = rank_heads(results, band, cfg.TOP_HEADS, cfg.SEED)
 
     # 5. Self-checks, each against a computation of its own: HF's attention, a prompt run alone, 1 and 0.
     alone = attention.most_padded_prompt_alone(model.bridge, sequences, per_forward, band.layers, model.device)
@@ -89,6 +97,13 @@ def main(cfg):
     return write_run(study, model, cfg)
 
 
+def read_prompts(cfg) -> list:
+    """PROMPTS_FILE alone, or this folder's hand-labelled prompts.json plus cfg.FACTS facts of the fact set."""
+    if cfg.PROMPTS_FILE:
+        return load_prompt_list(cfg.PROMPTS_FILE, facts_file=None)  # also checks the hand labels
+    return load_prompt_list(OWN_PROMPTS, facts_file=None) + attention.fact_set_prompts(FACT_SET, cfg.FACTS)
+
+
 def prompt_result(labelled, pattern, logits, tokenizer) -> PromptResult:
     """One prompt's masses from its patterns [blocks, heads, seq, seq], and what its logits [vocab] predict."""
     probs = logits.softmax(-1)
@@ -98,11 +113,11 @@ def prompt_result(labelled, pattern, logits, tokenizer) -> PromptResult:
                         target_prob=float(probs[labelled.target.token_id]))
 
 
-def rank_heads(results: list[PromptResult], band, top_heads: int):
-    """The band's heads ranked by attention on the subject, over the prompts that have one."""
+def rank_heads(results: list[PromptResult], band, top_heads: int, seed: int):
+    """The band's heads ranked by attention on the subject, over the prompts that have one (intervals seeded)."""
     subject_mass = torch.stack([r.attention.subject for r in results])  # [prompts, blocks, heads]
     has_subject = torch.tensor([bool(r.labelled.subject_positions) for r in results])
-    return attention.rank_heads(subject_mass, has_subject, top_heads, band)
+    return attention.rank_heads(subject_mass, has_subject, top_heads, band, seed)
 
 
 def write_run(study: AttentionStudy, model, cfg) -> Path:

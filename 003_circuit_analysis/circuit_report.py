@@ -12,12 +12,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.attention_results import HeadRanking
+from common import stats
+from common.attention_results import HeadRanking, interval_text
 from common.attribution import Attribution, ranks, spearman, top_indices
 from common.checks import worst_over_prompts
 from common.prompts import Prompt, Target
 from common.report import check_lines, display_path, fmt, heatmap, markdown_table, md_escape, plt
 
+PROMPT_FIGURES = 8  # a per-prompt heatmap of the attribution for the first this many prompts (prompts.json's own)
+MIN_PER_RELATION = 5  # the attention-vs-MLP split is broken down by relation for relations with this many prompts
 KINDS = (("head", "heads"), ("mlp", "mlps"))  # single-ablation kinds and their plural in results.json
 
 
@@ -95,6 +98,7 @@ class PromptResult:
     position0_mlps: torch.Tensor  # [n_layers]: the same for hook_mlp_out
     subject_positions: list[int]
     subject_attention: torch.Tensor | None  # [n_layers, n_heads]: mass from the last position on the subject
+    ablated_every: bool = False  # every head and MLP was ablated alone (else only the top-k)
 
     def singles(self, kind: str) -> list[Ablation]:
         return [a for a in self.ablations if a.kind == kind]
@@ -125,7 +129,8 @@ class PromptResult:
                 "counterfactual": self.prompt.extra.get("counterfactual"),
                 "counter_token_id": counter.token_id if counter else None,
                 "counter_token": counter.token if counter else None, "fact_id": self.prompt.fact_id,
-                "tokens": self.tokens, "metric": self.metric, "target_prob": self.target_prob,
+                "relation": self.prompt.extra.get("relation"), "tokens": self.tokens, "metric": self.metric,
+                "target_prob": self.target_prob, "ablated_every": self.ablated_every,
                 "top1_token": self.top1_token, "attribution": self.attribution.as_record(),
                 "self_checks": self.checks,
                 "top_heads": [{"layer": l, "head": h, "dla": float(heads[l, h])} for l, h in self.top_heads],
@@ -145,7 +150,9 @@ class FrequentHead:
     layer: int
     head: int
     n_prompts_in_top_k: int
+    in_top_k: dict  # common.stats.proportion over all prompts: the share where it is in the top-k, with interval
     mean_dla: float
+    dla: dict  # common.stats.interval: its DLA, mean over all prompts with interval
     mean_total_effect: float | None  # over the prompts where it was ablated alone (None: never)
     n_ablated: int
     mean_subject_attention: float | None
@@ -175,10 +182,12 @@ class AcrossPrompts:
     subject_heads: list[SubjectHead]  # most attention on the subject first
     run_002: HeadRanking | None  # 002's ranking of the heads by attention on the subject, when a run was found
     notes_002: list[str] = field(default_factory=list)  # 002 runs passed over, and why
+    split: dict = field(default_factory=dict)  # attention vs MLPs over the prompts (`attention_vs_mlps`)
+    split_by_relation: dict = field(default_factory=dict)  # {relation: the same} where n >= MIN_PER_RELATION
 
     @classmethod
     def of(cls, results: list[PromptResult], top_k: int, run_002: HeadRanking | None,
-           notes_002: list[str]) -> AcrossPrompts:
+           notes_002: list[str], seed: int = 0) -> AcrossPrompts:
         heads = torch.stack([r.attribution.heads for r in results])  # [prompts, L, H]
         counts = torch.zeros(heads.shape[1:], dtype=torch.long)  # [L, H]: prompts with the head in their top-k
         for r in results:
@@ -189,8 +198,10 @@ class AcrossPrompts:
         return cls(n_prompts=len(results), n_prompts_with_subject=len(with_subject), mean_heads=heads.mean(0),
                    mean_attn_per_layer=torch.stack([r.attribution.attn_per_layer for r in results]).mean(0),
                    mean_mlps=torch.stack([r.attribution.mlps for r in results]).mean(0),
-                   mean_subject_attention=subject, frequent_heads=_frequent_heads(results, heads, counts, subject),
-                   subject_heads=_subject_heads(heads, counts, subject, top_k), run_002=run_002, notes_002=notes_002)
+                   mean_subject_attention=subject,
+                   frequent_heads=_frequent_heads(results, heads, counts, subject, seed),
+                   subject_heads=_subject_heads(heads, counts, subject, top_k), run_002=run_002, notes_002=notes_002,
+                   split=attention_vs_mlps(results, seed), split_by_relation=_split_by_relation(results, seed))
 
     def as_record(self, root: Path) -> dict:
         subject = self.mean_subject_attention
@@ -198,13 +209,35 @@ class AcrossPrompts:
                 "mean_heads": self.mean_heads.tolist(), "mean_attn_per_layer": self.mean_attn_per_layer.tolist(),
                 "mean_mlps": self.mean_mlps.tolist(),
                 "mean_subject_attention": subject.tolist() if subject is not None else None,
+                "attention_vs_mlps": self.split, "attention_vs_mlps_by_relation": self.split_by_relation,
                 "frequent_heads": [asdict(h) for h in self.frequent_heads],
                 "subject_heads": [asdict(h) for h in self.subject_heads],
                 "run_002": self.run_002.as_record(root) if self.run_002 else None}
 
 
+def attention_vs_mlps(results: list[PromptResult], seed: int = 0) -> dict:
+    """What all heads and all MLPs write directly, over the prompts, each as common.stats' {"value", "ci95", "n"}:
+    "attention" and "mlps" (sums over heads / MLPs, mean over prompts), "attention_minus_mlps" (paired, prompt
+    by prompt) and "attention_share" (Attribution.attention_share, mean over prompts)."""
+    attention = [float(r.attribution.heads.sum()) for r in results]
+    mlps = [float(r.attribution.mlps.sum()) for r in results]
+    return {"attention": stats.interval(attention, seed=seed), "mlps": stats.interval(mlps, seed=seed),
+            "attention_minus_mlps": stats.paired_difference(attention, mlps, seed=seed),
+            "attention_share": stats.interval([r.attribution.attention_share() for r in results], seed=seed)}
+
+
+def _split_by_relation(results: list[PromptResult], seed: int) -> dict:
+    """{relation: attention_vs_mlps over its prompts} for the relations with at least MIN_PER_RELATION prompts."""
+    groups: dict[str, list[PromptResult]] = {}
+    for r in results:
+        if r.prompt.extra.get("relation"):
+            groups.setdefault(r.prompt.extra["relation"], []).append(r)
+    return {relation: attention_vs_mlps(group, seed) for relation, group in groups.items()
+            if len(group) >= MIN_PER_RELATION}
+
+
 def _frequent_heads(results: list[PromptResult], heads: torch.Tensor, counts: torch.Tensor,
-                    subject: torch.Tensor | None) -> list[FrequentHead]:
+                    subject: torch.Tensor | None, seed: int = 0) -> list[FrequentHead]:
     """Heads in some prompt's top-k, by how many prompts (then |mean DLA|); heads: [prompts, L, H]."""
     total = torch.full_like(heads, float("nan"))  # [prompts, L, H]: total effect where ablated alone
     for p, r in enumerate(results):
@@ -218,7 +251,9 @@ def _frequent_heads(results: list[PromptResult], heads: torch.Tensor, counts: to
     for count, _, l, h in frequent:
         seen = ~torch.isnan(total[:, l, h])
         rows.append(FrequentHead(
-            layer=l, head=h, n_prompts_in_top_k=count, mean_dla=float(heads[:, l, h].mean()),
+            layer=l, head=h, n_prompts_in_top_k=count,
+            in_top_k=stats.proportion([(l, h) in r.top_heads for r in results], seed=seed),
+            mean_dla=float(heads[:, l, h].mean()), dla=stats.interval(heads[:, l, h].tolist(), seed=seed),
             mean_total_effect=float(total[seen, l, h].mean()) if seen.any() else None, n_ablated=int(seen.sum()),
             mean_subject_attention=float(subject[l, h]) if subject is not None else None,
             subject_attention_rank=int(subject_rank[l, h]) if subject_rank is not None else None))
@@ -248,7 +283,7 @@ class CircuitResults:
     n_kv_heads: int
     metric: str  # "logit" or "logit_diff"
     ablation: str  # "zero" or "mean"
-    ablate_every: bool
+    ablated_every: int  # on how many prompts every head and MLP was ablated alone (the first ones)
     top_k: int
     softcap: float | None
     final_norm_weight: str  # "w" or "1 + w": how the final norm applies its weight (read by running it)
@@ -263,7 +298,7 @@ class CircuitResults:
         """results.json (the folder of 002's run written relative to `root`, the repository)."""
         return {"experiment": "003_circuit_analysis", "model": self.model, "n_layers": self.n_layers,
                 "n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads, "metric": self.metric,
-                "ablation": self.ablation, "ablate_every": self.ablate_every, "top_k": self.top_k,
+                "ablation": self.ablation, "ablated_every": self.ablated_every, "top_k": self.top_k,
                 "softcap": self.softcap, "final_norm_weight": self.final_norm_weight,
                 "post_attention_norm": self.post_attention_norm,
                 "prompts": [r.as_record(self.top_k) for r in self.prompts],
@@ -280,11 +315,13 @@ def findings(results: CircuitResults) -> list[str]:
     if across.frequent_heads:
         top = across.frequent_heads[0]
         lines.append(f"Head {head_name(top.layer, top.head)} writes the {results.metric} most often: in the top "
-                     f"{results.top_k} for {top.n_prompts_in_top_k} of {n} prompts, mean direct attribution "
-                     f"{top.mean_dla:+.2f}.")
-    attn, mlps = sum(across.mean_attn_per_layer.tolist()), sum(across.mean_mlps.tolist())
-    lines.append(f"Summed over layers, attention heads write {attn:+.2f} and MLPs {mlps:+.2f} of the "
-                 f"{results.metric} directly (mean over {n} prompts).")
+                     f"{results.top_k} for {top.n_prompts_in_top_k} of {n} prompts "
+                     f"({interval_text(top.in_top_k, percent=True)}), mean direct attribution "
+                     f"{interval_text(top.dla, 2)} (mean [95% interval]).")
+    split = across.split
+    lines.append(f"Summed over layers, attention heads write {interval_text(split['attention'], 2)} and MLPs "
+                 f"{interval_text(split['mlps'], 2)} of the {results.metric} directly (mean [95% interval] over "
+                 f"{n} prompts); attention's share {interval_text(split['attention_share'], percent=True)}.")
     return lines
 
 
@@ -303,19 +340,28 @@ def draw_figures(run, results: CircuitResults) -> dict:
                                     f"{across.n_prompts} prompts")),
                "heads_per_prompt": [run.save_figure(f"dla_heads_prompt{p}.png", _head_map(
                    results, r.attribution.heads, f"{name}: {r.prompt.text!r} -> {r.target.token!r}"))
-                   for p, r in enumerate(results.prompts)]}
-    fig, ax = plt.subplots(figsize=(max(6, 0.3 * results.n_layers + 2), 4))
-    x = np.arange(results.n_layers)
-    ax.bar(x - 0.2, across.mean_attn_per_layer.numpy(), width=0.4, label="attention (sum of heads)")
-    ax.bar(x + 0.2, across.mean_mlps.numpy(), width=0.4, label="MLP")
-    ax.axhline(0, color="black", linewidth=0.5)
-    ax.set_xticks(x, list(range(results.n_layers)), fontsize=7)
-    ax.set(xlabel="layer", ylabel=f"{metric} attribution, mean over prompts",
-           title=f"{name}: what each layer writes to the {metric}")
-    ax.legend()
-    figures["layers"] = run.save_figure("attn_vs_mlp_per_layer.png", fig)
+                   for p, r in enumerate(results.prompts[:PROMPT_FIGURES])]}
+    figures["layers"] = run.save_figure("attn_vs_mlp_per_layer.png", _per_layer_bars(results))
     figures["direct_vs_total"] = run.save_figure("direct_vs_total.png", _direct_vs_total(results))
     return figures
+
+
+def _per_layer_bars(results: CircuitResults):
+    """Bars per layer: what its attention and its MLP write, mean over prompts, with bootstrap 95% error bars."""
+    fig, ax = plt.subplots(figsize=(max(6, 0.3 * results.n_layers + 2), 4))
+    x = np.arange(results.n_layers)
+    for offset, label, per_prompt in ((-0.2, "attention (sum of heads)", [r.attribution.attn_per_layer for r in
+                                                                          results.prompts]),
+                                      (0.2, "MLP", [r.attribution.mlps for r in results.prompts])):
+        value, lo, hi = stats.band(torch.stack(per_prompt).numpy())  # [n_layers] each; NaN with one prompt
+        ax.bar(x + offset, value, width=0.4, label=label,
+               yerr=None if np.isnan(lo).all() else np.stack([value - lo, hi - value]), capsize=1.5)
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.set_xticks(x, list(range(results.n_layers)), fontsize=7)
+    ax.set(xlabel="layer", ylabel=f"{results.metric} attribution, mean over prompts",
+           title=f"{results.model}: what each layer writes to the {results.metric} (bars: 95% interval)")
+    ax.legend()
+    return fig
 
 
 def _direct_vs_total(results: CircuitResults):
@@ -344,7 +390,7 @@ def write_report(results: CircuitResults, figures: dict, model) -> str:
                                      check_lines(worst_over_prompts([r.checks for r in results.prompts])), ""]
     if results.ablation == "mean":
         out += [position0_warning(results.prompts), ""]
-    out += _split_table(results)
+    out += _split_over_prompts(results) + _split_table(results)
     out += ["## Figures", "", f"![mean attribution per head]({figures['heads']})", "",
             f"![attention vs MLP per layer]({figures['layers']})", "",
             f"![direct vs total effect]({figures['direct_vs_total']})", ""]
@@ -357,7 +403,8 @@ def write_report(results: CircuitResults, figures: dict, model) -> str:
             "|total effect| are among the components ablated alone. Δp = change of the target's probability when "
             "the component is ablated.", ""]
     for p, r in enumerate(results.prompts):
-        out += _prompt_section(results, r, figures["heads_per_prompt"][p])
+        figure = figures["heads_per_prompt"][p] if p < len(figures["heads_per_prompt"]) else None
+        out += _prompt_section(results, r, figure)
     return "\n".join(out + _agreement_table(results) + _recurring_heads(results))
 
 
@@ -387,7 +434,9 @@ def _method(results: CircuitResults, model) -> list[str]:
             "Total effect = clean metric - ablated metric (positive: the component helps the answer). Direct "
             "effect = the attribution of what the ablation removes at the last position (for zero ablation, the "
             "DLA itself); the difference flows through later layers. "
-            + ("Every head and every MLP is ablated alone." if results.ablate_every else
+            + (f"Every head and every MLP is ablated alone on the first {results.ablated_every} of the prompts "
+               f"(ABLATE_EVERY_PROMPTS); on the others the top {results.top_k} heads and MLPs by |attribution|."
+               if results.ablated_every else
                f"The top {results.top_k} heads and MLPs by |attribution| are ablated alone."), "",
             *[f"Note: {note}" for note in model.notes], ""]  # device check, offloaded layers
 
@@ -409,6 +458,25 @@ def position0_warning(prompts: list[PromptResult]) -> str:
             "that damage more than the component's role.")
 
 
+def _split_row(label: str, split: dict) -> list:
+    return [label, split["attention"]["n"], interval_text(split["attention"]), interval_text(split["mlps"]),
+            interval_text(split["attention_minus_mlps"]), interval_text(split["attention_share"], percent=True)]
+
+
+def _split_over_prompts(results: CircuitResults) -> list[str]:
+    """Attention vs MLPs over all prompts and per relation, each a mean with its bootstrap 95% interval."""
+    across = results.across
+    rows = [_split_row("all prompts", across.split)] + [_split_row(relation, split) for relation, split
+                                                         in across.split_by_relation.items()]
+    return ["## Attention vs MLPs over the prompts", "",
+            f"What all heads and all MLPs write directly to the {results.metric}: mean over the prompts [seeded "
+            "bootstrap 95% interval over the prompts, common/stats.py]. Attention - MLPs is paired prompt by "
+            "prompt. Attention's share = a / (|a| + |m|) per prompt (a, m: the sums over heads and over MLPs), "
+            f"then its mean: 50% = equal parts, 100% = all from attention. Per relation where it has at least "
+            f"{MIN_PER_RELATION} prompts.", "",
+            markdown_table(["prompts", "n", "attention", "MLPs", "attention - MLPs", "attention's share"], rows), ""]
+
+
 def _split_table(results: CircuitResults) -> list[str]:
     """One row per prompt: the metric and its parts (embed, attention, MLPs, biases), the top head and MLP."""
     rows = []
@@ -427,13 +495,14 @@ def _split_table(results: CircuitResults) -> list[str]:
                             "biases", "sum", "top head", "top MLP"], rows), ""]
 
 
-def _prompt_section(results: CircuitResults, r: PromptResult, figure: str) -> list[str]:
+def _prompt_section(results: CircuitResults, r: PromptResult, figure: str | None) -> list[str]:
     """One prompt: its top heads and MLPs beside their ablations, the joint ablations, agreement, disagreements."""
     metric = results.metric
     note = (f" (the answer spans {r.target.n_tokens} tokens; the first is attributed)" if r.target.n_tokens > 1
             else "")
     out = [f"### {md_escape(r.prompt.text)} -> {md_escape(r.target.token)}{note}", "",
-           f"{metric} {r.metric:.6f}, p(target) {r.target_prob:.6f}. [attribution per head]({figure})", ""]
+           f"{metric} {r.metric:.6f}, p(target) {r.target_prob:.6f}."
+           + (f" [attribution per head]({figure})" if figure else ""), ""]
     single = {(a.kind, a.components[0]): a for kind, _ in KINDS for a in r.singles(kind)}
     for kind, label, top in (("head", "head", [head_name(l, h) for l, h in r.top_heads]),
                              ("mlp", "MLP", [f"MLP{l}" for l in r.top_mlps])):
@@ -454,7 +523,7 @@ def _prompt_section(results: CircuitResults, r: PromptResult, figure: str) -> li
         out.append(f"- {plural}: Spearman(direct, total) over {g['n_ablated']} ablated = {fmt(g['spearman'])}; "
                    f"{g['top_k_overlap']} of the top {g['k']} by |direct| are in the top {g['k']} by |total|; "
                    f"{g['sign_flips_in_top_k']} sign flip(s).")
-    lines = disagreements(r, results.top_k, results.ablate_every)
+    lines = disagreements(r, results.top_k, r.ablated_every)
     if not lines:
         return out + ["", "Direct and total effects agree on the top components.", ""]
     return out + ["", f"<details><summary>Where direct and total effect disagree ({len(lines)} components)"
@@ -538,15 +607,18 @@ def _recurring_heads(results: CircuitResults) -> list[str]:
     """The heads in some prompt's top-k beside their attention on the subject (here and in 002's run)."""
     across, k = results.across, results.top_k
     column_002 = ["002 rank"] if across.run_002 else []
-    rows = [[head_name(h.layer, h.head), h.n_prompts_in_top_k, h.mean_dla,
-             h.mean_total_effect if h.mean_total_effect is not None else "-",
+    rows = [[head_name(h.layer, h.head), h.n_prompts_in_top_k, interval_text(h.in_top_k, percent=True),
+             interval_text(h.dla, 4), h.mean_total_effect if h.mean_total_effect is not None else "-", h.n_ablated,
              h.mean_subject_attention if h.mean_subject_attention is not None else "-",
              h.subject_attention_rank + 1 if h.subject_attention_rank is not None else "-"]
             + _rank_002(across, h.layer, h.head) for h in across.frequent_heads[:25]]
     out = ["## Across prompts: recurring heads beside attention on the subject", "",
-           f"Heads in the top {k} by |DLA| of at least one prompt, most frequent first. " + _subject_note(across), "",
-           markdown_table(["head", f"prompts in top {k}", "mean DLA", "mean total effect", "subject attention",
-                           "subject rank"] + column_002, rows), ""]
+           f"Heads in the top {k} by |DLA| of at least one prompt, most frequent first. Share in top {k} and "
+           f"mean DLA over all {across.n_prompts} prompts with seeded bootstrap 95% intervals; mean total effect over "
+           "the prompts where the head was ablated alone (n ablated). " + _subject_note(across), "",
+           markdown_table(["head", f"prompts in top {k}", f"share in top {k} [95% CI]", "mean DLA [95% CI]",
+                           "mean total effect", "n ablated", "subject attention", "subject rank"] + column_002,
+                          rows), ""]
     if across.subject_heads:
         rows = [[head_name(h.layer, h.head), h.mean_subject_attention, h.n_prompts_in_top_k, h.mean_dla]
                 + _rank_002(across, h.layer, h.head) for h in across.subject_heads]

@@ -10,7 +10,12 @@ attributed metric is the logit before the final soft-cap (the cap is not linear)
 DLA measures only the direct path (what a component writes that the unembedding reads). Ablation measures
 the total effect: replace a head's output (or an MLP's) by zero or by its mean and run the model again.
 Where the two rankings disagree, a component acts through later layers rather than (or as well as) writing
-the answer itself. The results are typed objects (circuit_report.py, beside this file, also writes the report).
+the answer itself.
+
+Over a set: by default this folder's eight facts plus 60 of 001's fact set (six per relation), so the heads
+that recur in the top-k and the split between attention and MLPs come with bootstrap 95% intervals over the
+prompts (common/stats.py), per relation too. Ablating every head alone costs ~300 forward passes a prompt,
+so it runs on the first ABLATE_EVERY_PROMPTS prompts; the top-k are ablated on all. The results are typed objects (circuit_report.py, beside this file, also writes the report).
 
 Run:   python 003_circuit_analysis/run.py
 Help:  python 003_circuit_analysis/run.py --help
@@ -22,17 +27,19 @@ sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).
 
 # ----------------------------------------------------------------------------- toggles
 MODEL = "smollm2-135m"  # embedded model, Hugging Face id (e.g. "Qwen/Qwen3-8B"), local folder or .gguf file
-PROMPTS_FILE = None  # None = this folder's prompts.json; else a JSON list of {"prompt", "target"}, optional "counterfactual", "subject"
+PROMPTS_FILE = None  # None = this folder's prompts.json plus FACTS facts; else a JSON list of {"prompt", "target"}, optional "counterfactual", "subject", used alone
+FACTS = 60  # with the default prompts: also analyse this many facts of 001's fact set, relations taking turns (0 = only prompts.json)
 METRIC = "logit"  # one of "logit" or "logit_diff": the target's logit, or logit(target) - logit(counterfactual answer)
 TOP_K = 10  # how many heads and MLPs to list and ablate (top by |attribution|)
 ABLATION = "zero"  # one of "zero" or "mean": what an ablated head or MLP outputs ("mean" = its mean over the prompt's positions)
-ABLATE_EVERY = True  # also ablate every head and every MLP alone: the full ranking by total effect (slower)
+ABLATE_EVERY = True  # also ablate every head and every MLP alone on the first ABLATE_EVERY_PROMPTS prompts: the full ranking by total effect (slower)
+ABLATE_EVERY_PROMPTS = 8  # with ABLATE_EVERY: on how many prompts (the first ones; ~300 forward passes each); the others get the top-k only
 BATCH_SIZE = "auto"  # ablated copies of a prompt per forward pass: "auto" = from free memory and the model's shapes, or a number
 DEVICE = "auto"  # one of "auto", "mps", "cuda" or "cpu": "auto" = mps, else cuda, else cpu
 DTYPE = "auto"  # one of "auto", "float16", "bfloat16" or "float32": "auto" = float16 on a GPU, bfloat16 for Gemma, float32 on the cpu
 MAX_MEMORY_GB = None  # None = load into the memory that is free; a number caps the GB the model holds on the device (the rest is offloaded to CPU memory or disk: slower)
 OUT_DIR = str(Path(__file__).resolve().parent / "results")  # run folders go to OUT_DIR/<model>/<time>/
-SEED = 0  # random seed (the analysis itself is deterministic)
+SEED = 0  # random seed: torch and the bootstrap intervals over prompts (same seed, same intervals)
 # ----------------------------------------------------------------------------- end of toggles
 
 import common  # noqa: E402,F401 - first: it sets PYTORCH_ENABLE_MPS_FALLBACK before torch loads
@@ -42,7 +49,7 @@ from dataclasses import dataclass  # noqa: E402
 import torch  # noqa: E402
 
 from common import attribution, hooks, html_report, report  # noqa: E402
-from common.attention import counted_positions, label_prompt, mass_on, token_offsets  # noqa: E402
+from common.attention import counted_positions, fact_set_prompts, label_prompt, mass_on, token_offsets  # noqa: E402
 from common.attention_results import read_head_ranking  # noqa: E402
 from common.attribution import top_indices  # noqa: E402
 from common.interventions import ablation_masks, ablation_values, run_ablations  # noqa: E402
@@ -60,14 +67,15 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 EXPERIMENT = "003_circuit_analysis"
 RESULTS_002 = REPO / "002_attention_patterns" / "results"  # 002's default OUT_DIR: its ranking of heads is shown
+FACT_SET = REPO / "001_layers_and_logits" / "prompts.json"  # the lab's fact set (common/facts.py), read, not copied
 
 
 def main(cfg):
     # 1. Check every input that can be checked without the model.
-    if cfg.TOP_K < 1:
-        raise LabError(f"TOP_K must be at least 1, not {cfg.TOP_K}.")
-    if cfg.PROMPTS_FILE:
-        read_prompts(cfg)
+    if cfg.TOP_K < 1 or cfg.ABLATE_EVERY_PROMPTS < 0:
+        raise LabError(f"TOP_K must be at least 1 and ABLATE_EVERY_PROMPTS at least 0, not {cfg.TOP_K} and "
+                       f"{cfg.ABLATE_EVERY_PROMPTS}.")
+    prompts = read_prompts(cfg)
     torch.manual_seed(cfg.SEED)
     torch.set_grad_enabled(False)
 
@@ -76,17 +84,18 @@ def main(cfg):
     if not all(hasattr(layer.self_attn, "o_proj") for layer in model.hf_model.model.layers):
         raise LabError(f"{model.name}'s attention has no o_proj to split into heads: 003 supports Llama, Qwen3, "
                        "Mistral and Gemma style models.")
-    prompts = [resolve(model, cfg, prompt) for prompt in read_prompts(cfg, model.tokenizer)]
+    prompts = [resolve(model, cfg, prompt) for prompt in prompts]
 
     # 3. Per prompt: the model's metric, its attribution, the ablations, each with its self-checks.
-    per_prompt = [analyse_prompt(model, cfg, *prompt) for prompt in
-                  progress(prompts, f"attributing {cfg.METRIC}, {cfg.ABLATION} ablation", unit="prompt")]
+    per_prompt = [analyse_prompt(model, cfg, *prompt, every=cfg.ABLATE_EVERY and i < cfg.ABLATE_EVERY_PROMPTS)
+                  for i, prompt in enumerate(progress(prompts, f"attributing {cfg.METRIC}, {cfg.ABLATION} ablation",
+                                                      unit="prompt"))]
 
     # 4. Across prompts, beside 002's heads ranked by attention on the subject (its newest run of this model).
     ranking_002, notes_002 = read_head_ranking(RESULTS_002, model.slug)
-    across = AcrossPrompts.of(per_prompt, cfg.TOP_K, ranking_002, notes_002)
+    across = AcrossPrompts.of(per_prompt, cfg.TOP_K, ranking_002, notes_002, seed=cfg.SEED)
     results = CircuitResults(model.name, model.n_layers, model.n_heads, model.n_kv_heads, cfg.METRIC, cfg.ABLATION,
-                             cfg.ABLATE_EVERY, cfg.TOP_K, model.softcap,
+                             sum(r.ablated_every for r in per_prompt), cfg.TOP_K, model.softcap,
                              attribution.norm_weight_convention(model.final_norm),
                              attribution.has_post_attention_norm(model), per_prompt, across)
 
@@ -104,9 +113,12 @@ def main(cfg):
 # ----------------------------------------------------------------------------- the prompts
 
 
-def read_prompts(cfg, tokenizer=None) -> list[Prompt]:
-    """The prompts: PROMPTS_FILE verbatim, or this folder's facts; METRIC='logit_diff' needs counterfactuals."""
-    prompts = load_prompt_list(cfg.PROMPTS_FILE, HERE / "prompts.json", tokenizer)
+def read_prompts(cfg) -> list[Prompt]:
+    """The prompts: PROMPTS_FILE verbatim, or this folder's facts and cfg.FACTS more of the fact set (those not
+    already here); METRIC='logit_diff' needs counterfactuals."""
+    prompts = load_prompt_list(cfg.PROMPTS_FILE, HERE / "prompts.json")  # completion format: no tokenizer needed
+    if not cfg.PROMPTS_FILE:
+        prompts += fact_set_prompts(FACT_SET, cfg.FACTS, skip_ids={p.fact_id for p in prompts})
     for i, prompt in enumerate(prompts):
         counterfactual = prompt.extra.get("counterfactual")
         if cfg.METRIC == "logit_diff" and (not isinstance(counterfactual, str) or not counterfactual.strip()):
@@ -149,9 +161,10 @@ class CleanRun:
         return float(attribution.metric_from_logits(self.pre_softcap, self.target_id, self.counter_id))
 
 
-def analyse_prompt(model, cfg, prompt: Prompt, ids: torch.Tensor, target: Target,
-                   counter: Target | None) -> PromptResult:
-    """The metric of one prompt, split by direct logit attribution, confirmed by ablations; each self-checked."""
+def analyse_prompt(model, cfg, prompt: Prompt, ids: torch.Tensor, target: Target, counter: Target | None,
+                   every: bool) -> PromptResult:
+    """The metric of one prompt, split by direct logit attribution, confirmed by ablations (every head and MLP
+    alone when `every`, else the top-k); each self-checked."""
     logits, cache = model.bridge.run_with_cache(ids.to(model.device), names_filter=attribution.cache_hook_names(model))
     clean = CleanRun(ids, cache, target.token_id, counter.token_id if cfg.METRIC == "logit_diff" else None,
                      cache[hooks.LOGITS][0, -1].float(), torch.softmax(logits[0, -1].float(), dim=-1))
@@ -159,7 +172,7 @@ def analyse_prompt(model, cfg, prompt: Prompt, ids: torch.Tensor, target: Target
     dla = attribution.attribute(model, decomposition, clean.target_id, clean.counter_id)
     checks = attribution.decomposition_checks(model, decomposition, dla, clean.metric, clean.pre_softcap,
                                               logits[0, -1].float())
-    ablations, ablation_checks = ablate(model, cfg, clean, decomposition, dla)
+    ablations, ablation_checks = ablate(model, cfg, clean, decomposition, dla, every)
     # Where position 0 (the attention sink) dwarfs the other positions, a "mean" is mostly its value.
     position0_heads, position0_mlps = attribution.position0_share(cache, model.n_layers)
     subject_positions, subject_attention = subject_attention_of(model, prompt, ids, cache)
@@ -170,7 +183,8 @@ def analyse_prompt(model, cfg, prompt: Prompt, ids: torch.Tensor, target: Target
         checks=checks + ablation_checks,
         top_heads=[divmod(i, model.n_heads) for i in top_indices(dla.heads.flatten(), cfg.TOP_K)],
         top_mlps=top_indices(dla.mlps, cfg.TOP_K), ablations=ablations, position0_heads=position0_heads,
-        position0_mlps=position0_mlps, subject_positions=subject_positions, subject_attention=subject_attention)
+        position0_mlps=position0_mlps, subject_positions=subject_positions, subject_attention=subject_attention,
+        ablated_every=every)
 
 
 def ablation_sets(dla: attribution.Attribution, top_k: int, ablate_every: bool) -> list[tuple[str, list, list]]:
@@ -187,9 +201,9 @@ def ablation_sets(dla: attribution.Attribution, top_k: int, ablate_every: bool) 
             + [("mlp", [], [layer]) for layer in single_mlps])
 
 
-def ablate(model, cfg, clean: CleanRun, decomposition, dla) -> tuple[list[Ablation], list[dict]]:
+def ablate(model, cfg, clean: CleanRun, decomposition, dla, every: bool) -> tuple[list[Ablation], list[dict]]:
     """Every ablated set of `ablation_sets` (the clean row left out), and the two self-checks of the ablations."""
-    sets = ablation_sets(dla, cfg.TOP_K, cfg.ABLATE_EVERY)
+    sets = ablation_sets(dla, cfg.TOP_K, every)
     head_mask, mlp_mask = ablation_masks(model.n_layers, model.n_heads, [(heads, mlps) for _, heads, mlps in sets])
     z_values, mlp_values = ablation_values(clean.cache, model.n_layers, cfg.ABLATION)
     metrics, probs = run_ablations(model, clean.ids, head_mask, mlp_mask, z_values, mlp_values, clean.target_id,

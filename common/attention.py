@@ -31,9 +31,10 @@ from dataclasses import dataclass
 
 import torch
 
-from . import hooks
+from . import hooks, stats
 from .checks import check, tolerance
 from .errors import LabError
+from .facts import load_fact_set, relations, subject_span
 from .progress import bar
 from .prompts import Prompt, Target, encode, target_token, token_strings
 
@@ -131,6 +132,35 @@ def kv_head_of(head: int, n_heads: int, n_kv_heads: int) -> int:
     if n_kv_heads < 1 or n_heads % n_kv_heads:
         raise ValueError(f"{n_heads} query heads cannot share {n_kv_heads} key/value heads evenly")
     return head // (n_heads // n_kv_heads)
+
+
+# ----------------------------------------------------------------------------- prompts from the fact set
+
+
+def fact_prompt(fact: dict) -> Prompt:
+    """A fact of the lab's fact set (common.facts) as a prompt: its first completion, verbatim, with its subject
+    as a hand label in the form written there ("Gold" at a sentence start), its relation and counterfactual."""
+    text = fact["completions"][0]
+    start, end = subject_span(text, fact["subject"])  # common.facts.check_facts made sure it is there
+    return Prompt(text, fact["target"], fact_id=fact["id"], format="completion",
+                  extra={"subject": text[start:end], "relation": fact["relation"],
+                         "counterfactual": fact["counterfactual"]})
+
+
+def fact_set_prompts(facts_file, n: int, skip_ids=frozenset()) -> list[Prompt]:
+    """Up to `n` facts of `facts_file` (001's fact set) as prompts (`fact_prompt`), relations taking turns
+    (the first fact of every relation, then the second, ...), so any n spreads over every relation.
+
+    Facts whose id is in `skip_ids` are passed over (a run's own prompts may hold them already). n = 0 gives
+    []; a negative or non-whole n is a LabError.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise LabError(f"FACTS must be a whole number of facts, 0 or more, not {n!r}.")
+    if n == 0:
+        return []
+    groups = [[f for f in group if f["id"] not in skip_ids] for group in relations(load_fact_set(facts_file)).values()]
+    in_turns = [group[i] for i in range(max(map(len, groups), default=0)) for group in groups if i < len(group)]
+    return [fact_prompt(fact) for fact in in_turns[:n]]
 
 
 # ----------------------------------------------------------------------------- token types
@@ -451,19 +481,24 @@ class RankedHead:
     std: float
     min: float
     top_rate: float
+    subject_mass: dict  # common.stats.interval of its subject mass over those prompts: {"value", "ci95", "n", ...}
+    in_top_k: dict  # common.stats.proportion: the share of those prompts where it is among the top k, with interval
 
     def as_record(self) -> dict:
         """The head as results.json's "head_ranking" holds it (003 reads layer, head, mean, top_rate)."""
         return {"head": self.head, "mean": self.mean, "std": self.std, "min": self.min, "top_rate": self.top_rate,
-                "layer": self.layer, "kv_head": self.kv_head}
+                "layer": self.layer, "kv_head": self.kv_head, "subject_mass": self.subject_mass,
+                "in_top_k": self.in_top_k}
 
 
-def rank_heads(subject_mass: torch.Tensor, has_subject: torch.Tensor, top_k: int, band: Band) -> list[RankedHead]:
+def rank_heads(subject_mass: torch.Tensor, has_subject: torch.Tensor, top_k: int, band: Band,
+               seed: int = 0) -> list[RankedHead]:
     """Rank the band's heads by their mean attention mass on the subject entity, over the prompts that have one.
 
     subject_mass: [prompts, blocks, heads]; has_subject: [prompts] bool. Returns every head, best first (ties
     in block-then-head order): mean, std (population), min over those prompts, and top_rate = the share of
-    them on which the head is among that prompt's `top_k` heads (consistency). Empty when no prompt has a subject.
+    them on which the head is among that prompt's `top_k` heads (consistency); the mean and the share also as
+    seeded bootstrap intervals over the prompts (common.stats). Empty when no prompt has a subject.
     """
     mass = subject_mass[has_subject]  # [p, blocks, heads]
     if mass.shape[0] == 0:
@@ -478,4 +513,5 @@ def rank_heads(subject_mass: torch.Tensor, has_subject: torch.Tensor, top_k: int
     order = torch.argsort(mean, descending=True, stable=True)
     kv_of = band.kv_head_of_head
     return [RankedHead(band.layers[int(i) // n_heads], int(i) % n_heads, kv_of[int(i) % n_heads], float(mean[i]),
-                       float(std[i]), float(low[i]), float(rate[i])) for i in order]
+                       float(std[i]), float(low[i]), float(rate[i]), stats.interval(flat[:, i].tolist(), seed=seed),
+                       stats.proportion(in_top[:, i].tolist(), seed=seed)) for i in order]

@@ -1,4 +1,5 @@
-"""Reading 002's results: its heads ranked by attention on the subject, for 003 to show beside its attribution.
+"""Reading 002's results: its heads ranked by attention on the subject, for 003 to show beside its attribution;
+and `interval_text`, how 002's and 003's reports show the interval records of common.stats.
 
 The one place that knows 002's results.json from the outside. The fields read, and nothing else:
 
@@ -49,6 +50,20 @@ class HeadRanking:
                 "depth_range": self.depth_range, "n_prompts": self.n_prompts,
                 "ranking": [{"rank": h.rank, "layer": h.layer, "head": h.head, "mean": h.mean, "top_rate": h.top_rate}
                             for h in self.heads]}
+
+
+def interval_text(record: dict | None, decimals: int = 3, percent: bool = False) -> str:
+    """A common.stats record {"value", "ci95", "n"} as report text: "0.412 [0.351, 0.470]" ("-" without a value).
+
+    percent: show the numbers as percentages ("41% [35%, 47%]"), for shares. The interval is left out when the
+    record has none (n = 1).
+    """
+    if not record or record.get("value") is None:
+        return "-"
+    def number(x):
+        return f"{100 * x:.{max(0, decimals - 2)}f}%" if percent else f"{x:.{decimals}f}"
+    lo, hi = record["ci95"]
+    return number(record["value"]) + ("" if lo is None else f" [{number(lo)}, {number(hi)}]")
 
 
 def _integer(value) -> int:

@@ -259,6 +259,14 @@ class Attribution:
         """The sum of all parts: what the attribution says the metric is (checked against the model's own)."""
         return self.embed + float(self.heads.sum()) + float(self.mlps.sum()) + self.bias
 
+    def attention_share(self) -> float | None:
+        """What the heads write directly as a share of what heads and MLPs write: a / (|a| + |m|), a and m the
+        sums over all heads and all MLPs. In [-1, 1]; a / (a + m) when both push the metric up; a negative share
+        means the heads together push it down. None when both sums are 0."""
+        heads, mlps = float(self.heads.sum()), float(self.mlps.sum())
+        size = abs(heads) + abs(mlps)
+        return heads / size if size else None
+
     def as_record(self) -> dict:
         """The results.json "attribution" record."""
         return {"embed": self.embed, "heads": self.heads.tolist(), "mlps": self.mlps.tolist(),

@@ -14,6 +14,7 @@ from common.errors import LabError
 from conftest import ARCHITECTURES, REPO, assert_fails_cleanly, run_folders, run_script
 
 SCRIPT = "002_attention_patterns/run.py"
+N_FACTS = 3  # facts of 001's fact set added to the default prompts in the default run (60 in a real run)
 LONG_PROMPT = ("The capital of France is Paris, and the capital of Germany is Berlin. " * 5).strip()  # > 64 tokens
 
 
@@ -156,8 +157,34 @@ def test_rank_heads_mean_and_consistency():
     assert ranking[0].mean == pytest.approx(0.8) and ranking[0].std == pytest.approx(0.1)
     assert ranking[0].min == pytest.approx(0.7) and ranking[0].top_rate == 1.0
     assert ranking[1].top_rate == 0.0
-    assert set(ranking[0].as_record()) == {"layer", "head", "kv_head", "mean", "std", "min", "top_rate"}
+    assert set(ranking[0].as_record()) == {"layer", "head", "kv_head", "mean", "std", "min", "top_rate",
+                                           "subject_mass", "in_top_k"}
+    # The intervals are over the two prompts with a subject, and bracket the mean and the share.
+    best = ranking[0]
+    assert best.subject_mass["n"] == 2 and best.subject_mass["value"] == pytest.approx(0.8)
+    assert best.subject_mass["ci95"][0] == pytest.approx(0.7) and best.subject_mass["ci95"][1] == pytest.approx(0.9)
+    assert best.in_top_k == {"value": 1.0, "ci95": [1.0, 1.0], "n": 2, "n_none": 0}
+    assert ranking[2].in_top_k["value"] == 0.0 and ranking[2].subject_mass["ci95"][1] == pytest.approx(0.3)
     assert att.rank_heads(mass, torch.tensor([False, False, False]), 1, band) == []
+
+
+def test_fact_set_prompts_take_relations_in_turn():
+    facts_file = REPO / "001_layers_and_logits" / "prompts.json"
+    facts = json.loads(facts_file.read_text())
+    relations = list(dict.fromkeys(f["relation"] for f in facts))
+    prompts = att.fact_set_prompts(facts_file, len(relations) + 1)
+    assert [p.extra["relation"] for p in prompts] == relations + [relations[0]]  # one each, then round two
+    assert prompts[-1].fact_id == [f["id"] for f in facts if f["relation"] == relations[0]][1]
+    for prompt in prompts:
+        fact = next(f for f in facts if f["id"] == prompt.fact_id)
+        assert prompt.text == fact["completions"][0] and prompt.target == fact["target"]
+        assert prompt.extra["subject"].lower() == fact["subject"].lower() and prompt.extra["subject"] in prompt.text
+    skipped = att.fact_set_prompts(facts_file, 2, skip_ids={prompts[0].fact_id})
+    assert prompts[0].fact_id not in {p.fact_id for p in skipped} and len(skipped) == 2
+    assert att.fact_set_prompts(facts_file, 0) == []
+    for bad in (-1, 2.5, True):
+        with pytest.raises(LabError, match="FACTS must be"):
+            att.fact_set_prompts(facts_file, bad)
 
 
 def test_batches_by_length_and_right_padding():
@@ -366,17 +393,17 @@ def _check_results(results, n_layers=30, layers=tuple(range(11, 25))):
             assert layer["depth"] == pytest.approx((layer["layer"] + 1) / n_layers)
             assert [head["head"] for head in layer["heads"]] == list(range(n_heads))
             for head in layer["heads"]:
-                assert set(head["mass"]) == set(att.BUCKETS)
-                assert sum(head["mass"].values()) == pytest.approx(1, abs=1e-5)
+                assert set(head) == {"head", "kv_head", "subject", "final_row"}  # the rest follows from final_row
+                assert len(head["final_row"]) == len(prompt["tokens"])
                 assert sum(head["final_row"]) == pytest.approx(1, abs=1e-5)
-                assert head["sink"] == head["final_row"][0] and head["self"] == head["final_row"][-1]
-                assert head["subject"] == pytest.approx(sum(head["final_row"][i] for i in prompt["subject_positions"]))
+                assert head["subject"] == pytest.approx(sum(head["final_row"][i] for i in prompt["subject_positions"]),
+                                                        abs=1e-6)
 
 
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs002")
-    return out, run_script(SCRIPT, f"--OUT_DIR={out}", "--TOP_HEADS=3")
+    return out, run_script(SCRIPT, f"--OUT_DIR={out}", "--TOP_HEADS=3", f"--FACTS={N_FACTS}")
 
 
 def test_default_run_writes_the_contract_files(default_run):
@@ -390,7 +417,11 @@ def test_default_run_writes_the_contract_files(default_run):
     _check_results(results)
     assert results["n_heads"] == 9 and results["n_kv_heads"] == 3 and not results["include_bos"]
     own = json.loads((REPO / "002_attention_patterns" / "prompts.json").read_text())  # the default prompts
-    assert [p["prompt"] for p in results["prompts"]] == [entry["prompt"] for entry in own]
+    assert [p["prompt"] for p in results["prompts"]][: len(own)] == [entry["prompt"] for entry in own]
+    facts = results["prompts"][len(own):]  # then the first fact of N_FACTS relations, subject from the fact
+    assert [(p["fact_id"], p["label_source"]) for p in facts] == [
+        ("france_capital", "hand"), ("gold_symbol", "hand"), ("romeo_author", "hand")]
+    assert facts[1]["tokens"][facts[1]["subject_positions"][0]] == " gold"
     france = results["prompts"][0]
     assert france["tokens"] == ["The", " capital", " city", " of", " France", " is", " called"]
     assert france["subject_positions"] == [4] and france["label_source"] == "hand"
@@ -424,7 +455,7 @@ def test_hand_labelled_prompts_and_include_bos(tmp_path):
     assert gold["label_source"] == "hand" and gold["subject_positions"] == [2]
     assert gold["token_types"][2] == "entity" and "sink" not in gold["buckets"]
     assert romeo["subject_positions"] == [0, 1]  # "Rome" + "o": position 0 counts when INCLUDE_BOS is True
-    assert all(head["mass"]["sink"] == 0 for layer in romeo["layers"] for head in layer["heads"])
+    assert "sink" not in romeo["buckets"]  # so no mass is counted as sink
 
 
 def test_tiny_gemma2_end_to_end_reports_its_local_layers(tmp_path, tiny_folders):

@@ -6,6 +6,7 @@ Each self-check of a run is shown to FAIL in its report when a fault is injected
 """
 import importlib.util
 import json
+import sys
 
 import pytest
 import torch
@@ -169,6 +170,59 @@ def test_rank_helpers():
     assert top_indices(torch.tensor([0.5, -3.0, 1.0]), 2, by="signed") == [2, 0]
 
 
+def _circuit_report():
+    spec = importlib.util.spec_from_file_location("circuit_report_under_test",
+                                                  REPO / "003_circuit_analysis" / "circuit_report.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_attention_vs_mlps_over_prompts_and_per_relation():
+    from types import SimpleNamespace
+
+    from common.attribution import Attribution
+    report = _circuit_report()
+
+    def prompt(heads, mlps, relation):
+        attribution = Attribution(0.0, torch.tensor([[heads / 2, heads / 2]]), torch.zeros(1),
+                                  torch.tensor([mlps]), 0.0)
+        return SimpleNamespace(attribution=attribution, prompt=SimpleNamespace(extra={"relation": relation}))
+
+    # Five "capital" prompts (enough for a row of their own), two "plural" (too few), one where nothing is written.
+    prompts = ([prompt(3.0, 1.0, "capital")] * 3 + [prompt(1.0, 3.0, "capital")] * 2
+               + [prompt(-1.0, 1.0, "plural"), prompt(0.0, 0.0, "plural")])
+    split = report.attention_vs_mlps(prompts)
+    assert split["attention"]["value"] == pytest.approx(10 / 7) and split["attention"]["n"] == 7
+    assert split["mlps"]["value"] == pytest.approx(10 / 7)
+    assert split["attention_minus_mlps"]["value"] == pytest.approx(0.0)
+    shares = [0.75] * 3 + [0.25] * 2 + [-0.5]  # a / (|a| + |m|); the empty prompt has none
+    assert split["attention_share"]["value"] == pytest.approx(sum(shares) / 6)
+    assert split["attention_share"]["n"] == 6 and split["attention_share"]["n_none"] == 1
+    lo, hi = split["attention_share"]["ci95"]
+    assert -0.5 <= lo < split["attention_share"]["value"] < hi <= 0.75
+    by_relation = report._split_by_relation(prompts, seed=0)
+    assert list(by_relation) == ["capital"] and by_relation["capital"]["attention_share"]["value"] == pytest.approx(
+        0.55)
+
+
+def test_default_prompts_are_its_facts_plus_the_fact_set():
+    from common.config import parse_toggles
+    from common.errors import LabError
+    spec = importlib.util.spec_from_file_location("run_003_prompts", REPO / SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    own = json.loads((REPO / "003_circuit_analysis" / "prompts.json").read_text())
+    prompts = module.read_prompts(parse_toggles(vars(module), ["--FACTS=12"]))
+    ids = [p.fact_id for p in prompts]
+    assert ids[: len(own)] == [f["id"] for f in own] and len(prompts) == len(own) + 12 and len(set(ids)) == len(ids)
+    assert all(p.extra["subject"] in p.text and p.extra["counterfactual"] and p.extra["relation"] for p in prompts)
+    assert len(module.read_prompts(parse_toggles(vars(module), ["--FACTS=0"]))) == len(own)
+    with pytest.raises(LabError, match="FACTS must be"):
+        module.read_prompts(parse_toggles(vars(module), ["--FACTS=-1"]))
+
+
 def test_position0_share_finds_a_dominating_first_position():
     from common.attribution import position0_share
     z = torch.ones(1, 4, 2, 3)  # [batch, seq, n_heads, head_dim]
@@ -323,6 +377,14 @@ def test_embedded_run_writes_the_contract_files(embedded_run):
     results = json.loads((folder / "results.json").read_text())
     _check_contract(results, 30, 9)
     assert results["metric"] == "logit_diff" and results["final_norm_weight"] == "w"
+    # The split over prompts, recomputed from the per-prompt attributions.
+    split = results["across_prompts"]["attention_vs_mlps"]
+    attention = [sum(map(sum, p["attribution"]["heads"])) for p in results["prompts"]]
+    assert split["attention"]["n"] == 2 and split["attention"]["value"] == pytest.approx(sum(attention) / 2, abs=1e-5)
+    lo, hi = split["attention"]["ci95"]
+    assert lo == pytest.approx(min(attention), abs=1e-5) and hi == pytest.approx(max(attention), abs=1e-5)
+    frequent = results["across_prompts"]["frequent_heads"][0]
+    assert frequent["in_top_k"]["value"] == frequent["n_prompts_in_top_k"] / 2 and frequent["dla"]["n"] == 2
     france, hot = results["prompts"]
     assert france["target_token"] == " Paris" and france["counter_token"] == " London"
     assert france["subject_positions"] == [3]  # "France"; "hot" is lower case, so the rule finds no subject
@@ -356,13 +418,15 @@ def test_tiny_gemma2_run_with_mean_ablation_of_every_component(tiny_folders, tmp
         {"prompt": "The capital of France is", "target": "Paris"},
         {"prompt": "Romeo and Juliet was written by William", "target": "Shakespeare"}]))
     result = run_script(SCRIPT, f"--MODEL={tiny_folders['gemma2']}", f"--OUT_DIR={tmp_path / 'out'}",
-                        f"--PROMPTS_FILE={prompts}", "--ABLATION=mean", "--TOP_K=2")
+                        f"--PROMPTS_FILE={prompts}", "--ABLATION=mean", "--TOP_K=2", "--ABLATE_EVERY_PROMPTS=1")
     assert result.returncode == 0, result.stderr
     [folder] = run_folders(tmp_path / "out")
     results = json.loads((folder / "results.json").read_text())
     _check_contract(results, 4, 4)
     assert results["softcap"] == 30.0 and results["post_attention_norm"] and results["final_norm_weight"] == "1 + w"
-    assert len([a for a in results["prompts"][0]["ablations"] if a["kind"] == "head"]) == 16
+    # Every head alone on the first prompt only (ABLATE_EVERY_PROMPTS=1); the top-k on the second.
+    assert [p["ablated_every"] for p in results["prompts"]] == [True, False] and results["ablated_every"] == 1
+    assert [len([a for a in p["ablations"] if a["kind"] == "head"]) for p in results["prompts"]] == [16, 2]
     report = (folder / "report.md").read_text()
     assert "before** the soft-cap" in report and "PASS: soft-cap 30" in report
     assert "ean ablation" in report  # the measured note on position 0's share of the mean
