@@ -35,6 +35,8 @@ def test_fact_set_size_and_relations(facts):
     assert len(facts) >= 100 and len(groups) >= 8
     assert all(len(group) >= 10 for group in groups.values()), {r: len(g) for r, g in groups.items()}
     assert all(len(f["completions"]) >= 2 for f in facts)
+    # the main wording holds the subject exactly as written (002 labels it, pairs swap it)
+    assert all(f["subject"] in f["completions"][0] for f in facts)
 
 
 def test_first_facts_are_unchanged(facts):
