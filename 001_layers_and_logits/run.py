@@ -31,6 +31,7 @@ MODELS = ["smollm2-135m", "gemma3-270m"]  # used when MODEL is None: run in turn
 USE_NORM_LENS = True  # apply the final norm before unembedding (False = RAW residual)
 USE_TUNED_LENS = False  # also show the tuned lens (a trained translator per layer; trained on first use, ~10 min, then cached)
 PROMPTS_FILE = None  # None = this folder's facts; else a JSON list of {"prompt": ..., "target": ...}, used verbatim
+FACTS = None  # None = every fact of this folder's prompts.json (113); a number N = N facts, relations taking turns (quicker)
 PROMPT_FORMAT = "all"  # one of "completion", "qa", "chat" or "all": how the facts are asked (chat needs a chat template)
 PARAPHRASES = True  # also run the other wordings of each fact (completion format)
 DIRECTION_PROBES = True  # run probes.json: facts asked both ways, and options in both orders
@@ -52,6 +53,7 @@ import torch  # noqa: E402
 from common import html_report, lens, report, tuned_lens  # noqa: E402
 from common.checks import worst_over_prompts  # noqa: E402
 from common.config import parse_toggles  # noqa: E402
+from common.facts import facts_in_turns  # noqa: E402
 from common.errors import LabError  # noqa: E402
 from common.models import load_model, resolve_model  # noqa: E402
 from common.progress import progress  # noqa: E402
@@ -102,6 +104,8 @@ def check_inputs(cfg) -> list[str]:
         raise LabError(f"TOP_K must be at least 1, not {cfg.TOP_K}.")
     if not cfg.TEMPERATURES or any(not isinstance(t, (int, float)) or t <= 0 for t in cfg.TEMPERATURES):
         raise LabError(f"TEMPERATURES must be a list of positive numbers, not {cfg.TEMPERATURES!r}.")
+    if cfg.FACTS is not None and (isinstance(cfg.FACTS, bool) or not isinstance(cfg.FACTS, int) or cfg.FACTS < 1):
+        raise LabError(f"FACTS must be None (every fact) or a whole number of facts of at least 1, not {cfg.FACTS!r}.")
     if cfg.PROMPTS_FILE:
         load_prompts_file(cfg.PROMPTS_FILE)
     return model_specs
@@ -121,7 +125,7 @@ def build_prompts(cfg, model) -> tuple[list[Prompt], list[str]]:
         raise LabError(f"{model.name} has no chat template, so PROMPT_FORMAT='chat' has nothing to run: "
                        "use 'completion', 'qa' or 'all'.")
     prompts = []
-    for fact in load_facts(HERE / "prompts.json"):
+    for fact in facts_in_turns(load_facts(HERE / "prompts.json"), cfg.FACTS):
         prompts += [render_fact(model.tokenizer, fact, prompt_format) for prompt_format in formats]
         if cfg.PARAPHRASES:
             prompts += [render_fact(model.tokenizer, fact, "completion", variant)

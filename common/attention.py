@@ -34,7 +34,7 @@ import torch
 from . import hooks, stats
 from .checks import check, tolerance
 from .errors import LabError
-from .facts import load_fact_set, relations, subject_span
+from .facts import facts_in_turns, load_fact_set, subject_span
 from .progress import bar
 from .prompts import Prompt, Target, encode, target_token, token_strings
 
@@ -158,9 +158,8 @@ def fact_set_prompts(facts_file, n: int, skip_ids=frozenset()) -> list[Prompt]:
         raise LabError(f"FACTS must be a whole number of facts, 0 or more, not {n!r}.")
     if n == 0:
         return []
-    groups = [[f for f in group if f["id"] not in skip_ids] for group in relations(load_fact_set(facts_file)).values()]
-    in_turns = [group[i] for i in range(max(map(len, groups), default=0)) for group in groups if i < len(group)]
-    return [fact_prompt(fact) for fact in in_turns[:n]]
+    kept = [fact for fact in load_fact_set(facts_file) if fact["id"] not in skip_ids]
+    return [fact_prompt(fact) for fact in facts_in_turns(kept, n)]
 
 
 # ----------------------------------------------------------------------------- token types

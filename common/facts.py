@@ -69,6 +69,16 @@ def relations(facts: list[dict]) -> dict[str, list[dict]]:
     return groups
 
 
+def facts_in_turns(facts: list[dict], n: int | None) -> list[dict]:
+    """The first `n` facts with relations taking turns (the first fact of every relation, then the second, ...),
+    so any n spreads over every relation; n = None gives every fact, in the file's order."""
+    if n is None:
+        return list(facts)
+    groups = list(relations(facts).values())
+    in_turns = [group[i] for i in range(max(map(len, groups), default=0)) for group in groups if i < len(group)]
+    return in_turns[:n]
+
+
 # ----------------------------------------------------------------------------- clean/corrupt pairs
 
 

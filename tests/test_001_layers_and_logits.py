@@ -32,13 +32,26 @@ def _check_contract(results: dict, lens: str):
         assert prompt["self_check"]["passed"]
 
 
+N_FACTS = 20
+
+
+def chosen_facts() -> list[dict]:
+    """The facts the FACTS=N_FACTS runs read: relations taking turns."""
+    from common.facts import facts_in_turns
+    return facts_in_turns(json.loads((Path(__file__).parent.parent / "001_layers_and_logits" / "prompts.json")
+                                     .read_text()), N_FACTS)
+
+
 @pytest.fixture(scope="module")
 def norm_and_raw_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs001")
     # NORM: everything (all formats, paraphrases, probes, temperatures); RAW: the main prompts only.
-    norm = run_script(SCRIPT, f"--OUT_DIR={out}", "--MODEL=smollm2-135m", "--TOP_K=3", "--PROMPT_FORMAT=all")
+    # FACTS=20: two facts of each of the 10 relations (relations take turns), which keeps the test quick.
+    norm = run_script(SCRIPT, f"--OUT_DIR={out}", "--MODEL=smollm2-135m", "--TOP_K=3", "--PROMPT_FORMAT=all",
+                      f"--FACTS={N_FACTS}")
     raw = run_script(SCRIPT, f"--OUT_DIR={out}", "--MODEL=smollm2-135m", "--USE_NORM_LENS=False", "--TOP_K=3",
-                     "--PROMPT_FORMAT=completion", "--PARAPHRASES=False", "--DIRECTION_PROBES=False")
+                     "--PROMPT_FORMAT=completion", "--PARAPHRASES=False", "--DIRECTION_PROBES=False",
+                     f"--FACTS={N_FACTS}")
     return out, norm, raw
 
 
@@ -81,7 +94,7 @@ def test_all_formats_paraphrases_and_probes_are_recorded(norm_and_raw_runs):
     out, _, _ = norm_and_raw_runs
     runs = [json.loads((f / "results.json").read_text()) for f in run_folders(out)]
     norm = next(r for r in runs if r["lens"] == "norm")
-    facts = json.loads((Path(__file__).parent.parent / "001_layers_and_logits" / "prompts.json").read_text())
+    facts = chosen_facts()
     by_kind = {}
     for p in norm["prompts"]:
         by_kind.setdefault((p["format"], p["variant"] > 0, p["probe"]), []).append(p)
@@ -351,8 +364,7 @@ def test_statistics_carry_intervals_and_match_the_prompts(norm_and_raw_runs):
     assert accuracy["ci95"][0] <= accuracy["value"] <= accuracy["ci95"][1] and accuracy["ci95"][0] < accuracy["ci95"][1]
     assert set(stats["by_format"]) == {"completion", "qa", "chat"}
     assert "accuracy_minus_completion" in stats["by_format"]["qa"]
-    relations = {fact["relation"] for fact in json.loads(
-        (Path(__file__).parent.parent / "001_layers_and_logits" / "prompts.json").read_text())}
+    relations = {fact["relation"] for fact in chosen_facts()}
     assert set(stats["by_relation"]) == relations and len(relations) >= 8
     assert sum(r["accuracy"]["n"] for r in stats["by_relation"].values()) == len(mains)
     band = stats["p_target_by_layer"]
