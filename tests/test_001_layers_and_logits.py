@@ -184,7 +184,7 @@ def test_models_compared_by_depth(tmp_path, tiny_folders):
     models = [str(tiny_folders["llama"]), str(tiny_folders["gemma2"])]
     out = tmp_path / "out"
     result = run_script(SCRIPT, f"--OUT_DIR={out}", f"--MODELS={json.dumps(models)}", "--PROMPT_FORMAT=completion",
-                        "--PARAPHRASES=False", "--DIRECTION_PROBES=False", "--TEMPERATURES=[1.0]")
+                        "--FACTS=10", "--PARAPHRASES=False", "--DIRECTION_PROBES=False", "--TEMPERATURES=[1.0]")
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["comparison", "gemma2", "llama"]
     [folder] = [p for p in (out / "comparison").iterdir() if not p.is_symlink()]
@@ -201,7 +201,7 @@ def test_gemma3_base_model(tmp_path):
     """The second embedded model: BOS added, whole-word tokens, chat skipped with a note, and the late-layer
     un-resolving measured before (DESIGN.md: " Paris" top-1 after block 12 with p 0.72, final top-1 " the")."""
     out = tmp_path / "out"
-    result = run_script(SCRIPT, f"--OUT_DIR={out}", "--MODEL=gemma3-270m", "--PROMPT_FORMAT=all",
+    result = run_script(SCRIPT, f"--OUT_DIR={out}", "--MODEL=gemma3-270m", "--PROMPT_FORMAT=all", "--FACTS=10",
                         "--PARAPHRASES=False", "--DIRECTION_PROBES=False", "--TEMPERATURES=[1.0]")
     assert result.returncode == 0, result.stderr
     [folder] = [p for p in (out / "gemma3-270m").iterdir() if not p.is_symlink()]

@@ -121,7 +121,7 @@ def test_001_reports_the_tuned_lens(llama, small_trained, tiny_folders, tmp_path
     out = tmp_path / "runs"
     result = run_script("001_layers_and_logits/run.py", f"--OUT_DIR={out}", f"--MODEL={tiny_folders['llama']}",
                         "--USE_TUNED_LENS=True", "--PROMPT_FORMAT=completion", "--PARAPHRASES=False",
-                        "--DIRECTION_PROBES=False", "--TEMPERATURES=[1.0]")
+                        "--DIRECTION_PROBES=False", "--TEMPERATURES=[1.0]", "--FACTS=8")
     assert result.returncode == 0, result.stderr
     assert "retraining" not in result.stderr and "sampling text" not in result.stderr  # read from the cache
     (folder,) = run_folders(out)
