@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from common import interventions
 from conftest import ARCHITECTURES, REPO, assert_fails_cleanly, run_folders, run_script
 
 SCRIPT = "003_circuit_analysis/run.py"
@@ -244,9 +245,9 @@ def test_ablating_nothing_changes_nothing(pair):
     clean = float(A.metric_from_logits(cache["unembed.hook_out"][0, -1], target, counter))
     # Clean rows alone, and a clean row batched with rows that do ablate something.
     sets = [([], []), ([(0, 0), (1, 2)], [1]), ([], [0]), ([], [])]
-    head_mask, mlp_mask = A.ablation_masks(model.n_layers, model.n_heads, sets)
-    z_values, mlp_values = A.ablation_values(cache, model.n_layers, "zero")
-    metric, prob = A.run_ablations(model, ids, head_mask, mlp_mask, z_values, mlp_values, target, counter)
+    head_mask, mlp_mask = interventions.ablation_masks(model.n_layers, model.n_heads, sets)
+    z_values, mlp_values = interventions.ablation_values(cache, model.n_layers, "zero")
+    metric, prob = interventions.run_ablations(model, ids, head_mask, mlp_mask, z_values, mlp_values, target, counter)
     clean_prob = float(torch.softmax(logits[0, -1], -1)[target])
     for row in (0, 3):
         assert float(metric[row]) == pytest.approx(clean, abs=1e-5)
@@ -263,9 +264,9 @@ def test_ablating_a_head_equals_doing_it_by_hand(pair, kind):
     _, cache = _cached(model, ids)
     attribution = A.attribute(model, A.decompose_last_position(model, cache), target, counter)
     layer, head = divmod(A.top_indices(attribution.heads.flatten(), 1)[0], model.n_heads)
-    head_mask, mlp_mask = A.ablation_masks(model.n_layers, model.n_heads, [([(layer, head)], [])])
-    z_values, mlp_values = A.ablation_values(cache, model.n_layers, kind)
-    metric, _ = A.run_ablations(model, ids, head_mask, mlp_mask, z_values, mlp_values, target, counter)
+    head_mask, mlp_mask = interventions.ablation_masks(model.n_layers, model.n_heads, [([(layer, head)], [])])
+    z_values, mlp_values = interventions.ablation_values(cache, model.n_layers, kind)
+    metric, _ = interventions.run_ablations(model, ids, head_mask, mlp_mask, z_values, mlp_values, target, counter)
 
     o_proj = reference.hf_model.model.layers[layer].self_attn.o_proj
     head_dim = o_proj.in_features // model.n_heads
@@ -288,9 +289,9 @@ def test_zero_ablating_an_mlp_equals_doing_it_by_hand(pair):
     ids, target, counter = _ids_and_tokens(model)
     _, cache = _cached(model, ids)
     layer = model.n_layers // 2
-    head_mask, mlp_mask = A.ablation_masks(model.n_layers, model.n_heads, [([], [layer])])
-    z_values, mlp_values = A.ablation_values(cache, model.n_layers, "zero")
-    metric, _ = A.run_ablations(model, ids, head_mask, mlp_mask, z_values, mlp_values, target, counter)
+    head_mask, mlp_mask = interventions.ablation_masks(model.n_layers, model.n_heads, [([], [layer])])
+    z_values, mlp_values = interventions.ablation_values(cache, model.n_layers, "zero")
+    metric, _ = interventions.run_ablations(model, ids, head_mask, mlp_mask, z_values, mlp_values, target, counter)
     block = reference.hf_model.model.layers[layer]
     # What the block adds to the residual: Gemma-2 normalizes the MLP output first.
     module = block.post_feedforward_layernorm if name == "gemma2" else block.mlp
@@ -306,10 +307,10 @@ def test_direct_effect_of_zero_ablation_is_the_attribution(pair):
     _, cache = _cached(model, ids)
     decomposition = A.decompose_last_position(model, cache)
     attribution = A.attribute(model, decomposition, target, counter)
-    z_values, mlp_values = A.ablation_values(cache, model.n_layers, "zero")
+    z_values, mlp_values = interventions.ablation_values(cache, model.n_layers, "zero")
     heads, mlps = A.direct_effects_of_ablation(model, cache, decomposition, z_values, mlp_values, target, counter)
     assert torch.allclose(heads, attribution.heads, atol=1e-6) and torch.allclose(mlps, attribution.mlps, atol=1e-6)
-    z_mean, mlp_mean = A.ablation_values(cache, model.n_layers, "mean")
+    z_mean, mlp_mean = interventions.ablation_values(cache, model.n_layers, "mean")
     heads_mean, _ = A.direct_effects_of_ablation(model, cache, decomposition, z_mean, mlp_mean, target, counter)
     assert not torch.allclose(heads_mean, attribution.heads, atol=1e-4)
 
@@ -323,12 +324,12 @@ def test_direct_effects_by_the_model_equal_the_attribution_of_what_is_removed(pa
     ids, target, counter = _ids_and_tokens(model)
     _, cache = _cached(model, ids)
     decomposition = A.decompose_last_position(model, cache)
-    z_values, mlp_values = A.ablation_values(cache, model.n_layers, kind)
+    z_values, mlp_values = interventions.ablation_values(cache, model.n_layers, kind)
     heads, mlps = A.direct_effects_of_ablation(model, cache, decomposition, z_values, mlp_values, target, counter)
     top_head = divmod(A.top_indices(heads.flatten(), 1)[0], model.n_heads)
     top_mlp = A.top_indices(mlps, 1)[0]
     sets = [([], []), ([top_head], []), ([], [top_mlp]), ([(3, 0), (3, 1), (0, 3)], [1]), ([top_head], [top_mlp])]
-    head_mask, mlp_mask = A.ablation_masks(model.n_layers, model.n_heads, sets)
+    head_mask, mlp_mask = interventions.ablation_masks(model.n_layers, model.n_heads, sets)
     reference = A.direct_effects_by_the_model(model, cache, z_values, mlp_values, head_mask, mlp_mask, target,
                                               counter)
     expected = torch.tensor([sum(float(heads[l, h]) for l, h in hs) + sum(float(mlps[l]) for l in ms)
