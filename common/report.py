@@ -255,8 +255,9 @@ def curves(panels: list[dict], title: str, xlabel: str):
     for ax, panel in zip(axes[0], panels):
         for label, xs, ys, *band in panel["series"]:
             line, = ax.plot(xs, ys, marker=".", label=label)
-            if band and band[0][0] is not None:
-                ax.fill_between(xs, band[0][0], band[0][1], color=line.get_color(), alpha=0.2, linewidth=0)
+            if band:  # None where there is no interval (one prompt): nothing drawn there
+                lows, highs = ([float("nan") if v is None else v for v in edge] for edge in band[0])
+                ax.fill_between(xs, lows, highs, color=line.get_color(), alpha=0.2, linewidth=0)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(panel["ylabel"])
         if panel.get("ylim"):
