@@ -8,11 +8,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from common.report import check_lines, fmt, heatmap, markdown_table, md_escape  # first: it picks the Agg backend
+from common.checks import worst_over_prompts
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common.patching import METRIC, TRACE_KINDS, PairStudy, PatchingGrid, grids_for_sites, position_labels  # noqa: E402
+from common.patching import (METRIC, RESTORED, TOP_HEADS, TRACE_KINDS, AcrossPairs, PairStudy,  # noqa: E402
+                             PatchingGrid, grids_for_sites, position_labels)
 
 TRACE_WHAT = {"resid": "single residual states", "mlp": "MLP outputs", "attn": "attention outputs"}
 TRACE_COLOURS = {"resid": "Purples", "mlp": "Greens", "attn": "Reds"}
@@ -27,6 +29,13 @@ class PatchingResults:
     method: str
     noise_tracing: bool
     pairs: list[PairStudy]
+    across: AcrossPairs
+    pairs_source: str  # where the pairs came from, one sentence
+    detail_pairs: int  # the first pairs with causal tracing and their own report sections
+
+    @property
+    def detailed(self) -> list[PairStudy]:
+        return self.pairs[:self.detail_pairs]
 
     @property
     def grids(self) -> list[str]:
@@ -40,7 +49,8 @@ class PatchingResults:
         m = self.model
         return {"experiment": self.experiment, "model": m.name, "n_layers": m.n_layers, "n_heads": m.n_heads,
                 "n_kv_heads": m.n_kv_heads, "sites": self.sites, "grids": self.grids, "method": self.method,
-                "metric": METRIC, "noise_tracing": self.noise_tracing,
+                "metric": METRIC, "noise_tracing": self.noise_tracing, "pairs_source": self.pairs_source,
+                "detail_pairs": self.detail_pairs, "across_pairs": self.across.as_record(),
                 "pairs": [study.as_record() for study in self.pairs]}
 
     def failed_checks(self) -> list[str]:
@@ -51,13 +61,30 @@ def depth_text(layer, n) -> str:
     return "never" if layer is None else f"{layer} ({layer / n:.2f})"
 
 
+def stat_text(record: dict, decimals: int = 2) -> str:
+    """A statistic over pairs as "0.80 [0.77, 0.83] (n = 20)"; "-" when it has no value."""
+    if record["value"] is None:
+        return f"- (n = {record['n']})"
+    lo, hi = record["ci95"]
+    spread = "" if lo is None else f" [{lo:.{decimals}f}, {hi:.{decimals}f}]"
+    return f"{record['value']:.{decimals}f}{spread} (n = {record['n']})"
+
+
 def findings(results: PatchingResults) -> list[str]:
-    """The headline per pair in plain words: where patching the last position restores the clean answer."""
-    n, lines = results.n_layers, []
+    """The headline in plain words: the switch across pairs, the most frequent head, then the first pairs."""
+    a, n = results.across, results.n_layers
+    lines = [f"Across {a.n_pairs} pairs: a share {stat_text(a.switchable)} can switch (clean run answers clean, "
+             f"corrupt run does not); of those, a share "
+             f"{stat_text(a.switch_share)} switch to the clean answer when the last position's clean residual is "
+             f"patched in, at a median depth of {stat_text(a.switch_depth)}; 001's lens resolves at a median "
+             f"depth of {stat_text(a.resolution_depth)} (lag, median over pairs: {stat_text(a.lens_lag)})."]
+    if a.heads:
+        lines.append(f"Most frequent among a pair's top-{TOP_HEADS} heads: {a.heads[0]['head']} in a share "
+                     f"{stat_text(a.heads[0]['share'])} of the pairs.")
 
     def from_layer(layer):
         return "at no layer" if layer is None else f"from layer {layer} of {n} ({100 * layer / n:.0f}% depth)"
-    for i, study in enumerate(results.pairs[:3]):
+    for i, study in enumerate(results.pairs[:2]):
         lines.append(f"Pair {i} ({study.pair['clean']!r}): patching the clean residual into the last position "
                      f"restores {study.answers[0].token!r} as top-1 {from_layer(study.link.switch_layer)}; 001's "
                      f"lens makes it top-1 {from_layer(study.link.resolution_layer)}.")
@@ -130,10 +157,61 @@ def scatter_figure(study: PairStudy, title: str):
     return fig
 
 
+def switch_strip_figure(results: PatchingResults):
+    """Each pair's switch depth (filled) and 001 resolution depth (open) on one row per relation, "never" at
+    the right, with the median switch depth and its interval shaded."""
+    a, n = results.across, results.n_layers
+    relations = list(dict.fromkeys(s.pair.get("relation", "-") for s in results.pairs))
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.45 * len(relations)))
+    jitter = np.random.default_rng(0).uniform(-0.15, 0.15, len(results.pairs))  # only separates equal points
+    for study, dy in zip(results.pairs, jitter):
+        y = relations.index(study.pair.get("relation", "-")) + dy
+        for layer, style in ((study.link.switch_layer, dict(color="C0" if study.can_switch else "lightgrey")),
+                             (study.link.resolution_layer, dict(facecolors="none", edgecolors="C1"))):
+            ax.scatter(1.08 if layer is None else layer / n, y, s=30, **style)
+    if a.switch_depth["value"] is not None:
+        ax.axvline(a.switch_depth["value"], color="C0", linewidth=1)
+        if a.switch_depth["ci95"][0] is not None:
+            ax.axvspan(*a.switch_depth["ci95"], color="C0", alpha=0.15)
+    ax.scatter([], [], color="C0", label=f"switch depth (median {stat_text(a.switch_depth)}, 95% interval shaded)")
+    ax.scatter([], [], color="lightgrey", label="switch depth of a pair that cannot switch (not counted)")
+    ax.scatter([], [], facecolors="none", edgecolors="C1", label="001 lens resolution depth")
+    ax.set_xticks([0, 0.25, 0.5, 0.75, 1.0, 1.08], ["0", "0.25", "0.5", "0.75", "1", "never"])
+    ax.set_yticks(range(len(relations)), relations)
+    ax.set_xlabel("depth (layer / n_layers)")
+    ax.set_title(f"{results.model.name}: switch layer over {len(results.pairs)} pairs")
+    ax.legend(fontsize=7, loc="upper left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def restoration_figure(results: PatchingResults):
+    """Mean exact patch of one residual position by layer over pairs, subject vs last position, 95% bands."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for which, label in (("subject", "subject's last token"), ("last", "last position")):
+        curve = results.across.restoration[which]
+        layers = np.arange(len(curve["value"]))
+        ax.plot(layers, curve["value"], marker=".", label=f"{label} (mean of {curve['n']} pairs)")
+        if curve["n"] > 1:
+            ax.fill_between(layers, np.asarray(curve["lo"], float), np.asarray(curve["hi"], float), alpha=0.2)
+    ax.axhline(RESTORED, color="grey", linewidth=0.8, linestyle="--", label=f"restored (>= {RESTORED})")
+    ax.set_xlabel("residual layer patched (clean into corrupt)")
+    ax.set_ylabel("normalized logit diff (1 = clean run)")
+    ax.set_title(f"{results.model.name}: where one residual position restores the clean answer")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def draw_figures(run, results: PatchingResults) -> dict:
-    """Per pair: a heatmap per grid and method, the exact-vs-attribution scatter, the causal-trace heatmaps."""
-    figures = {}
-    for i, study in enumerate(results.pairs):
+    """Across pairs: the switch-depth strip and the restoration curves. Per detailed pair: a heatmap per grid
+    and method, the exact-vs-attribution scatter, the causal-trace heatmaps."""
+    figures = {"strip": run.save_figure("switch_depth_across_pairs.png", switch_strip_figure(results))}
+    if results.across.restoration["last"]["n"]:
+        figures["restoration"] = run.save_figure("restoration_by_layer.png", restoration_figure(results))
+    for i, study in enumerate(results.detailed):
         title = f"{study.pair['clean']!r} vs {study.pair['corrupt']!r}"
         figures |= grid_figures(run, i, study, title)
         if all(g.exact is not None and g.attribution is not None for g in study.grids.values()):
@@ -172,27 +250,59 @@ def write_report(results: PatchingResults, figures: dict) -> str:
            "runs (the model is causal): they are not run and get the unpatched corrupt run's value (0); the "
            "positions before it are computed once per batch of patched runs (a KV cache) and shared by all.", "",
            *[f"Note: {note}" for note in m.notes], "",  # device check, offloaded layers
-           "## Self-checks", ""]
-    for i, study in enumerate(results.pairs):
-        out += [f"Pair {i}:", "", check_lines(study.checks), ""]
-    out += ["## Summary", "",
+           f"Pairs: {results.pairs_source} Causal tracing and a section of their own: the first "
+           f"{len(results.detailed)} pairs; every pair enters the statistics.", ""]
+    out += across_section(results, figures)
+    out += [f"## Self-checks (worst over the {len(results.pairs)} pairs)", "",
+            check_lines(worst_over_prompts([study.checks for study in results.pairs])), "",
+            "## Every pair", "",
             "Switch layer: the first layer from which patching the final position's clean residual into the "
             "corrupt run makes the clean answer top-1 (to the last layer). Resolution layer: 001's NORM lens on "
             "the clean prompt, the first layer from which the clean answer is top-1 (to the last layer). "
             "Correlations: Pearson r of exact vs attribution over the cells that differ between the runs.", "",
-            markdown_table(["pair", "clean", "corrupt", "answers", "logit diff clean", "logit diff corrupt",
+            markdown_table(["pair", "relation", "clean", "corrupt", "answers", "logit diff clean", "logit diff corrupt",
                             "p(clean answer), clean run", "switch layer (depth)", "001 resolution layer (depth)",
                             "exact vs attribution r"], [summary_row(i, s, n) for i, s in enumerate(results.pairs)]), ""]
-    for i, study in enumerate(results.pairs):
+    for i, study in enumerate(results.detailed):
         out += pair_section(i, study, n, figures)
     return "\n".join(out)
+
+
+def across_section(results: PatchingResults, figures: dict) -> list[str]:
+    """The statistics over pairs: a table with 95% intervals, the figures, head frequency, per relation."""
+    a = results.across
+    rows = [["pairs that can switch: clean run answers clean, corrupt run does not (share)", stat_text(a.switchable)],
+            ["of those, share with a switch layer", stat_text(a.switch_share)],
+            ["switch depth (median)", stat_text(a.switch_depth)],
+            ["001 lens resolution depth (median)", stat_text(a.resolution_depth)],
+            ["resolution depth - switch depth (median over pairs)", stat_text(a.lens_lag)],
+            [f"last depth where the subject's residual restores (>= {RESTORED}, median)", stat_text(a.subject_until)],
+            ["first depth from which the last position's residual restores (median)", stat_text(a.last_from)]]
+    rows += [[f"exact vs attribution r, {g} (median)", stat_text(r)] for g, r in a.correlation.items()]
+    out = ["## Across pairs", "",
+           "Each statistic: value [95% seeded bootstrap interval] (n = pairs it is over; an interval needs n >= 2). "
+           "Depth = layer / n_layers. Switch layer: the first layer from which patching the last position's clean "
+           "residual makes the clean answer top-1 (to the last layer); only pairs whose clean run answers clean "
+           "and whose corrupt run does not can switch (the others would 'switch' never or at layer 0).", "", markdown_table(["statistic", "value [95% interval] (n)"], rows), "",
+           f"![switch depth across pairs]({figures['strip']})", ""]
+    if "restoration" in figures:
+        out += [f"![restoration by layer]({figures['restoration']})", ""]
+    out += [f"Heads most often among a pair's top {TOP_HEADS} at the final position (|effect|, exact where run):", "",
+            markdown_table(["head", "share of pairs [95% interval] (n)"],
+                           [[h["head"], stat_text(h["share"])] for h in a.heads[:10]]), "",
+            "Per relation (intervals are wide or absent with few pairs):", "",
+            markdown_table(["relation", "pairs", "can switch", "share with a switch", "switch depth (median)"],
+                           [[md_escape(r), v["n"], v["switchable"], stat_text(v["switch_share"]),
+                             stat_text(v["switch_depth"])]
+                            for r, v in a.by_relation.items()]), ""]
+    return out
 
 
 def summary_row(i: int, study: PairStudy, n: int) -> list:
     correlations = {g: grid.correlation() for g, grid in study.grids.items()
                     if grid.exact is not None and grid.attribution is not None}
     b, (clean, corrupt) = study.baseline, study.answers
-    return [i, md_escape(study.pair["clean"]), md_escape(study.pair["corrupt"]),
+    return [i, md_escape(study.pair.get("relation", "-")), md_escape(study.pair["clean"]), md_escape(study.pair["corrupt"]),
             f"{md_escape(clean.token)} / {md_escape(corrupt.token)}", b.logit_diff_clean, b.logit_diff_corrupt,
             study.p_clean_answer()["clean"], depth_text(study.link.switch_layer, n),
             depth_text(study.link.resolution_layer, n),

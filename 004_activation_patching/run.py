@@ -26,7 +26,11 @@ sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).
 
 # ----------------------------------------------------------------------------- toggles
 MODEL = "smollm2-135m"  # embedded model, Hugging Face id (e.g. "Qwen/Qwen3-8B"), local folder or .gguf file
-PAIRS_FILE = None  # None = this folder's pairs.json; else a JSON list of {"clean", "corrupt", "clean_answer", "corrupt_answer"}
+PAIRS = "facts"  # one of "facts" or "file": "facts" = N_PAIRS pairs built from FACTS_FILE (two facts of one relation, same token count); "file" = the pairs in PAIRS_FILE
+N_PAIRS = 20  # with PAIRS = "facts": how many pairs to build (fewer if the fact set has fewer); the statistics across pairs are over these
+FACTS_FILE = None  # None = 001's fact set (001_layers_and_logits/prompts.json); else a fact set in its format
+PAIRS_FILE = None  # None = this folder's pairs.json when PAIRS = "file"; a path here means PAIRS = "file": a JSON list of {"clean", "corrupt", "clean_answer", "corrupt_answer"}
+DETAIL_PAIRS = 2  # the first pairs that get causal tracing (with NOISE_TRACING) and their own heatmaps in report.md; every pair enters the statistics
 SITES = ["resid", "attn", "mlp", "head"]  # what to patch: any of "resid", "attn", "mlp", "head"
 METHOD = "both"  # one of "exact", "attribution" or "both": a patched run per cell, a gradient estimate, or both
 EXACT = "top"  # one of "top" or "all": for the head/attn/mlp grids, "top" = exact runs only for the EXACT_TOP_K cells attribution ranks highest
@@ -39,46 +43,54 @@ DEVICE = "auto"  # one of "auto", "mps", "cuda" or "cpu": "auto" = mps, else cud
 DTYPE = "auto"  # one of "auto", "float16", "bfloat16" or "float32": "auto" = float16 on a GPU, bfloat16 for Gemma, float32 on the cpu
 MAX_MEMORY_GB = None  # None = load into the memory that is free; a number caps the GB the model holds on the device (the rest is offloaded to CPU memory or disk: slower)
 OUT_DIR = str(Path(__file__).resolve().parent / "results")  # run folders go to OUT_DIR/<model>/<time>/
-SEED = 0  # seeds the causal-tracing noise and the cells re-run one at a time as a check
+SEED = 0  # seeds the pairs built from the facts, the causal-tracing noise, the cells re-run one at a time as a check, the bootstrap intervals
 # ----------------------------------------------------------------------------- end of toggles
 
 import common  # noqa: E402,F401 - first: it sets PYTORCH_ENABLE_MPS_FALLBACK before torch loads
+from dataclasses import replace  # noqa: E402
+
 import torch  # noqa: E402
 
 from common import html_report, report  # noqa: E402
 from common.batching import batch_size  # noqa: E402
 from common.config import parse_toggles  # noqa: E402
 from common.errors import LabError  # noqa: E402
+from common.facts import counterfactual_pairs, load_fact_set  # noqa: E402
 from common.models import load_model  # noqa: E402
-from common.patching import (PATCH_SITES, StudySettings, embedding_std, encode_pair, grids_for_sites,  # noqa: E402
-                             load_pairs, study_pair)
+from common.patching import (PATCH_SITES, StudySettings, across_pairs, embedding_std, encode_pair,  # noqa: E402
+                             grids_for_sites, load_pairs, study_pair)
 from common.progress import progress  # noqa: E402
 from patching_report import PatchingResults, draw_figures, findings, write_report  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 EXPERIMENT = "004_activation_patching"
+FACTS_001 = HERE.parent / "001_layers_and_logits" / "prompts.json"
 LOOP_CHECKS = 3  # exact cells re-run the plain way (one whole forward each), to check the batched engine
 
 
 def main(cfg):
     # 1. Check every input that can be checked without the model.
-    pairs = check_toggles(cfg)
+    source, items = check_toggles(cfg)
     torch.manual_seed(cfg.SEED)
 
-    # 2. Load the model and tokenize every pair (a pair that cannot be patched stops the run here).
+    # 2. Load the model; build the pairs for its tokenizer (or take the file's) and tokenize every pair (a pair
+    #    that cannot be patched stops the run here).
     model = load_model(cfg.MODEL, cfg.DEVICE, cfg.DTYPE, cfg.MAX_MEMORY_GB)
+    pairs = items if source == "file" else pairs_from_facts(model, items, cfg)
     labels = [f"Pair {i} ({pair['clean']!r} / {pair['corrupt']!r})" for i, pair in enumerate(pairs)]
     encoded = [encode_pair(model, pair, label) for pair, label in zip(pairs, labels)]
     cfg.BATCH_SIZE = batch_size(cfg.BATCH_SIZE, model, max(e.corrupt_ids.shape[1] for e in encoded))
     sites, settings = [s for s in PATCH_SITES if s in cfg.SITES], study_settings(cfg)
-    noise_std = embedding_std(model, [ids for e in encoded for ids in (e.clean_ids, e.corrupt_ids)]) \
-        if cfg.NOISE_TRACING else None
+    noise_std = embedding_std(model, [ids for e in encoded[:cfg.DETAIL_PAIRS] for ids in (e.clean_ids, e.corrupt_ids)]) \
+        if cfg.NOISE_TRACING and cfg.DETAIL_PAIRS else None
 
     # 3. Each pair: baselines, attribution and exact patching with their self-checks, the link to 001's lens,
-    #    causal tracing.
-    studies = [study_pair(model, pair, enc, grids_for_sites(sites), settings, noise_std, cfg.SEED + i, labels[i])
+    #    causal tracing (the first DETAIL_PAIRS pairs); then the statistics across pairs.
+    studies = [study_pair(model, pair, enc, grids_for_sites(sites), replace(settings, noise_tracing=(
+                   settings.noise_tracing and i < cfg.DETAIL_PAIRS)), noise_std, cfg.SEED + i, labels[i])
                for i, (pair, enc) in enumerate(progress(list(zip(pairs, encoded)), "pairs", unit="pair"))]
-    results = PatchingResults(EXPERIMENT, model, sites, cfg.METHOD, cfg.NOISE_TRACING, studies)
+    results = PatchingResults(EXPERIMENT, model, sites, cfg.METHOD, cfg.NOISE_TRACING, studies,
+                              across_pairs(studies, cfg.SEED), pairs_text(source, cfg, len(pairs)), cfg.DETAIL_PAIRS)
 
     # 4. Write the run folder: numbers, settings, figures, the report a person reads, the page to explore.
     with report.new_run_folder(cfg.OUT_DIR, model.slug) as run:
@@ -93,7 +105,7 @@ def main(cfg):
 
 
 def check_toggles(cfg) -> list[dict]:
-    """Refuse bad toggles before the model loads; return the pairs to study."""
+    """Refuse bad toggles before the model loads; return ("file", the pairs) or ("facts", the fact set)."""
     sites = cfg.SITES if isinstance(cfg.SITES, list) else [cfg.SITES]
     if not sites or any(site not in PATCH_SITES for site in sites):
         raise LabError(f"SITES must list some of {', '.join(map(repr, PATCH_SITES))}, not {cfg.SITES!r}.")
@@ -103,7 +115,30 @@ def check_toggles(cfg) -> list[dict]:
         raise LabError(f"NOISE_SAMPLES must be at least 1, not {cfg.NOISE_SAMPLES}.")
     if cfg.NOISE_LEVEL <= 0:
         raise LabError(f"NOISE_LEVEL must be above 0, not {cfg.NOISE_LEVEL}.")
-    return load_pairs(cfg.PAIRS_FILE or HERE / "pairs.json")
+    if cfg.DETAIL_PAIRS < 0:
+        raise LabError(f"DETAIL_PAIRS must be 0 or more, not {cfg.DETAIL_PAIRS}.")
+    if cfg.PAIRS == "file" or cfg.PAIRS_FILE is not None:
+        return "file", load_pairs(cfg.PAIRS_FILE or HERE / "pairs.json")
+    if cfg.N_PAIRS < 1:
+        raise LabError(f"N_PAIRS must be at least 1, not {cfg.N_PAIRS}.")
+    return "facts", load_fact_set(cfg.FACTS_FILE or FACTS_001)
+
+
+def pairs_from_facts(model, facts: list[dict], cfg) -> list[dict]:
+    """N_PAIRS clean/corrupt pairs from the fact set for this model's tokenizer (common.facts)."""
+    pairs = counterfactual_pairs(model.tokenizer, facts, cfg.N_PAIRS, cfg.SEED)
+    if not pairs:
+        raise LabError(f"No two facts of one relation in {cfg.FACTS_FILE or FACTS_001} make a pair for "
+                       f"{model.name}'s tokenizer (same template, same token count): add facts or use PAIRS = 'file'.")
+    return pairs
+
+
+def pairs_text(source: str, cfg, n: int) -> str:
+    """Where the pairs came from, in one sentence for the report."""
+    if source == "file":
+        return f"{n} pairs from {cfg.PAIRS_FILE or HERE / 'pairs.json'}."
+    return (f"{n} pairs (N_PAIRS = {cfg.N_PAIRS}) built from the fact set {cfg.FACTS_FILE or FACTS_001} by "
+            f"common.facts.counterfactual_pairs (two facts of one relation, same template and token count, seed {cfg.SEED}).")
 
 
 def study_settings(cfg) -> StudySettings:

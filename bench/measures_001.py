@@ -27,6 +27,30 @@ def lens_sweep_vs_forward() -> float:
     return times["sweep"] / times["forward"]
 
 
+def lens_batched_vs_sequential() -> float:
+    """001's per-prompt lens work (residual stream, NORM unembedding of every layer, lens metrics and the
+    self-check) for 100 fact prompts: in padded batches (`lens.sweeps`) / one prompt at a time (`lens.sweep`).
+
+    Both sides run after a warm-up, timed in turns; each call is ~10-30 s, so 3 repeats."""
+    import torch
+
+    from common import lens
+    from common.facts import load_fact_set
+    from common.models import load_model
+    from common.prompts import encode, render_fact, target_token
+    torch.set_grad_enabled(False)
+    model = load_model("smollm2-135m", "cpu", "float32")
+    texts = [render_fact(model.tokenizer, fact, "completion") for fact in
+             load_fact_set(REPO / "001_layers_and_logits" / "prompts.json")[:100]]
+    prompts = [encode(model, p.text) for p in texts]
+    targets = [target_token(model.tokenizer, p.text, p.target).token_id for p in texts]
+    times = alternating_medians({
+        "sequential": lambda: [lens.sweep(model, ids, t, use_norm=True, top_k=5) for ids, t in zip(prompts, targets)],
+        "batched": lambda: lens.sweeps(model, prompts, targets, use_norm=True, top_k=5, batch_size="auto")},
+        repeats=3, warmup=1)
+    return times["batched"] / times["sequential"]
+
+
 def cached_start_vs_first() -> float:
     """Model start from the dequantized cache / the first start that dequantizes the GGUF (fresh processes)."""
     code = "from common.models import load_model; load_model('smollm2-135m', 'cpu', 'float32')"
@@ -49,6 +73,7 @@ def peak_rss_vs_weights() -> float:
 
 MEASURES = [
     ("lens_sweep_vs_forward", "<= 1.3", lens_sweep_vs_forward),
+    ("lens_batched_vs_sequential", "<= 0.4", lens_batched_vs_sequential),
     ("cached_start_vs_first", "<= 0.25", cached_start_vs_first),
     ("peak_rss_vs_weights", "<= 1.5", peak_rss_vs_weights),
 ]

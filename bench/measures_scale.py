@@ -49,9 +49,10 @@ def scale_load_peak_rss_vs_weights() -> float:
 
 
 RUNS = {  # small runs: every experiment's real path, few prompts
-    "001_layers_and_logits": ["--PROMPT_FORMAT=completion", "--PARAPHRASES=False", "--DIRECTION_PROBES=False"],
-    "002_attention_patterns": [],
-    "003_circuit_analysis": ["--ABLATE_EVERY=False"],
+    "001_layers_and_logits": ["--PROMPT_FORMAT=completion", "--PARAPHRASES=False", "--DIRECTION_PROBES=False",
+                              "--FACTS=8"],
+    "002_attention_patterns": ["--FACTS=0"],
+    "003_circuit_analysis": ["--ABLATE_EVERY=False", "--FACTS=0"],
     "004_activation_patching": ["--SITES=['resid', 'head']", "--NOISE_TRACING=False"],
 }
 

@@ -10,6 +10,9 @@ Used by 002_attention_patterns. Conventions:
   - Position 0 is the attention sink: models park attention there whether it holds a BOS or (SmolLM2,
     which adds none) the first word. Its mass is always reported apart ("sink"); INCLUDE_BOS decides
     whether it also counts under its own token type.
+  - Several prompts run in one forward pass, right-padded with an attention mask; each prompt's own
+    [seq, seq] block is read. A batch changes only float32 rounding (other matrix shapes): measured up to
+    5e-6 in a pattern of SmolLM2 or the tiny Gemma-2 against the prompt run alone, padded or not.
 
 Token types (the labelling rule, applied per word; a word split into several tokens gives each the same type):
   special     - a special token (BOS, chat markers) or one the tokenizer added with no text behind it;
@@ -24,12 +27,16 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 
 import torch
 
-from . import hooks
+from . import hooks, stats
 from .checks import check, tolerance
 from .errors import LabError
+from .facts import facts_in_turns, load_fact_set, subject_span
+from .progress import bar
+from .prompts import Prompt, Target, encode, target_token, token_strings
 
 TOKEN_TYPES = ("special", "entity", "relation", "function", "punctuation")
 SINK = "sink"
@@ -78,11 +85,6 @@ def band_layers(n_layers: int, depth_range) -> list[int]:
     return blocks
 
 
-def block_depth(block: int, n_layers: int) -> float:
-    """Depth of the residual stream block `block` writes: (block + 1) / n_layers."""
-    return (block + 1) / n_layers
-
-
 def sliding_window_layers(config) -> dict[int, int]:
     """{block: window} for the blocks with local (sliding-window) attention, read from the HF config.
 
@@ -97,6 +99,31 @@ def sliding_window_layers(config) -> dict[int, int]:
     return {i: int(window) for i in range(int(config.num_hidden_layers))}
 
 
+@dataclass(frozen=True)
+class Band:
+    """The blocks of one model that a run studies, and the facts about its heads that the tables need."""
+    layers: list[int]  # the blocks whose depth (i + 1) / n_layers lies in the depth range
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    local_windows: dict[int, int]  # {block: window} of the whole model's sliding-window blocks
+
+    @classmethod
+    def of(cls, model, depth_range) -> "Band":
+        """The band of a loaded model (common.models.LoadedModel); LabError when depth_range holds no block."""
+        return cls(band_layers(model.n_layers, depth_range), model.n_layers, model.n_heads, model.n_kv_heads,
+                   sliding_window_layers(model.text_config))
+
+    @property
+    def kv_head_of_head(self) -> list[int]:
+        """[n_heads]: the key/value head each query head reads."""
+        return [kv_head_of(h, self.n_heads, self.n_kv_heads) for h in range(self.n_heads)]
+
+    def depth(self, block: int) -> float:
+        """Depth of the residual stream block `block` writes: (block + 1) / n_layers."""
+        return (block + 1) / self.n_layers
+
+
 # ----------------------------------------------------------------------------- grouped-query attention
 
 
@@ -107,10 +134,32 @@ def kv_head_of(head: int, n_heads: int, n_kv_heads: int) -> int:
     return head // (n_heads // n_kv_heads)
 
 
-def expand_kv_heads(kv: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Give every query head its key/value head: kv [batch, n_kv_heads, seq, d] -> [batch, n_heads, seq, d]."""
-    index = torch.tensor([kv_head_of(h, n_heads, kv.shape[1]) for h in range(n_heads)], device=kv.device)
-    return kv.index_select(1, index)
+# ----------------------------------------------------------------------------- prompts from the fact set
+
+
+def fact_prompt(fact: dict) -> Prompt:
+    """A fact of the lab's fact set (common.facts) as a prompt: its first completion, verbatim, with its subject
+    as a hand label in the form written there ("Gold" at a sentence start), its relation and counterfactual."""
+    text = fact["completions"][0]
+    start, end = subject_span(text, fact["subject"])  # common.facts.check_facts made sure it is there
+    return Prompt(text, fact["target"], fact_id=fact["id"], format="completion",
+                  extra={"subject": text[start:end], "relation": fact["relation"],
+                         "counterfactual": fact["counterfactual"]})
+
+
+def fact_set_prompts(facts_file, n: int, skip_ids=frozenset()) -> list[Prompt]:
+    """Up to `n` facts of `facts_file` (001's fact set) as prompts (`fact_prompt`), relations taking turns
+    (the first fact of every relation, then the second, ...), so any n spreads over every relation.
+
+    Facts whose id is in `skip_ids` are passed over (a run's own prompts may hold them already). n = 0 gives
+    []; a negative or non-whole n is a LabError.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise LabError(f"FACTS must be a whole number of facts, 0 or more, not {n!r}.")
+    if n == 0:
+        return []
+    kept = [fact for fact in load_fact_set(facts_file) if fact["id"] not in skip_ids]
+    return [fact_prompt(fact) for fact in facts_in_turns(kept, n)]
 
 
 # ----------------------------------------------------------------------------- token types
@@ -215,6 +264,32 @@ def check_hand_labels(labels: dict, prompt: str, where: str):
             raise LabError(f"{where}: the subject {subject!r} does not occur in the prompt {prompt!r}.")
 
 
+@dataclass
+class LabelledPrompt:
+    """One prompt tokenized as the model sees it, each token typed, and its subject entity."""
+    prompt: Prompt
+    ids: torch.Tensor  # [seq] token ids, exactly tokenizer(prompt.text)
+    tokens: list[str]  # [seq] readable text of each token
+    token_types: list[str]  # [seq] one of TOKEN_TYPES
+    bucket_index: torch.Tensor  # [seq] index into BUCKETS: where each position's attention mass is counted
+    subject_positions: list[int]  # the subject's positions whose mass is counted (see counted_positions)
+    label_source: str  # "hand" (the prompts file named the subject or types) or "rule"
+    target: Target  # the answer's first token
+
+
+def label(model, prompt: Prompt, include_bos: bool) -> LabelledPrompt:
+    """Tokenize `prompt` for `model` (common.models.LoadedModel) and type its tokens: hand labels from the
+    prompts file ("subject", "types" in prompt.extra) where given, else the module's rule."""
+    ids = encode(model, prompt.text)[0]
+    target = target_token(model.tokenizer, prompt.text, prompt.target)
+    text, offsets = token_offsets(model.tokenizer, prompt.text, ids.tolist())
+    hand = {key: prompt.extra[key] for key in ("types", "subject") if key in prompt.extra}
+    special_ids = set(model.tokenizer.all_special_ids)
+    types, subject = label_prompt(text, offsets, [int(i) in special_ids for i in ids], hand)
+    return LabelledPrompt(prompt, ids, token_strings(model.tokenizer, ids), types, bucket_index(types, include_bos),
+                          counted_positions(subject, include_bos), "hand" if hand else "rule", target)
+
+
 # ----------------------------------------------------------------------------- masses
 
 
@@ -247,83 +322,187 @@ def mass_on(final_rows: torch.Tensor, positions: list[int]) -> torch.Tensor:
     return final_rows[..., positions].sum(-1)
 
 
-def landmark_masses(pattern: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Attention from the final position on three landmark positions, shown beside the types.
+@dataclass
+class FinalPositionAttention:
+    """Where one prompt's final position (the one that predicts the answer) looks, per block and head.
 
-    pattern: [..., seq, seq] -> {"sink": position 0, "previous": the token before the final one (what
-    previous-token heads read), "self": the final token itself}, each [...].
+    pattern: [blocks, heads, seq, seq], the whole patterns; by_bucket: [blocks, heads, len(BUCKETS)], the
+    final row's mass on each bucket (sums to 1 per head); the others [blocks, heads]: its mass on the
+    subject's positions and on three landmarks shown beside the types (position 0, the token before the final
+    one, which previous-token heads read, and the final token itself).
     """
-    final = pattern[..., -1, :]
-    previous = final[..., -2] if final.shape[-1] > 1 else torch.zeros_like(final[..., -1])
-    return {"sink": final[..., 0], "previous": previous, "self": final[..., -1]}
+    pattern: torch.Tensor
+    by_bucket: torch.Tensor
+    subject: torch.Tensor
+    sink: torch.Tensor
+    previous: torch.Tensor
+    itself: torch.Tensor
+
+    @classmethod
+    def of(cls, pattern: torch.Tensor, buckets: torch.Tensor, subject_positions: list[int]):
+        """From patterns [blocks, heads, seq, seq], bucket index [seq] and the subject's counted positions."""
+        final_rows = pattern[:, :, -1, :]  # [blocks, heads, seq]
+        previous = final_rows[..., -2] if final_rows.shape[-1] > 1 else torch.zeros_like(final_rows[..., -1])
+        return cls(pattern, mass_by_bucket(final_rows, buckets), mass_on(final_rows, subject_positions),
+                   final_rows[..., 0], previous, final_rows[..., -1])
+
+    @property
+    def final_rows(self) -> torch.Tensor:
+        """[blocks, heads, seq]: the final position's attention over the tokens."""
+        return self.pattern[:, :, -1, :]
 
 
 # ----------------------------------------------------------------------------- patterns
 
 
-@torch.no_grad()
-def bridge_patterns(bridge, input_ids: torch.Tensor, blocks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention patterns of `blocks` from the bridge cache, and the logits at the last position.
+def batches_by_length(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Prompt indexes in batches of at most batch_size, shortest prompts first (so a batch pads little).
 
-    input_ids: [1, seq] (already on the model's device). Returns (patterns [len(blocks), heads, seq, seq]
-    float32 on the cpu, last-position logits [vocab] float32). Only the band's hooks are cached.
+    lengths: [prompts] token counts. E.g. lengths [5, 9, 4, 5], batch_size 2 -> [[2, 0], [3, 1]].
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def pad_right(sequences: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[seq_i] id tensors -> (input_ids [batch, max_seq], attention_mask [batch, max_seq], 1 on real tokens).
+
+    Right padding keeps each prompt at positions 0..seq_i - 1, as when it runs alone, and under the causal
+    mask no real position attends to a pad: row i's [seq_i, seq_i] block of a pattern is its own pattern.
+    """
+    longest = max(len(ids) for ids in sequences)
+    input_ids = torch.zeros(len(sequences), longest, dtype=torch.long)  # pad id 0: masked, so any id does
+    attention_mask = torch.zeros(len(sequences), longest, dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        input_ids[row, : len(ids)] = ids
+        attention_mask[row, : len(ids)] = 1
+    return input_ids, attention_mask
+
+
+def run_in_batches(forward, sequences: list[torch.Tensor], batch_size: int, device, description: str) -> list:
+    """forward(input_ids [batch, seq], attention_mask [batch, seq], both on `device`) -> one output per row, run
+    on right-padded batches (batches_by_length, pad_right) of `sequences` ([seq_i] ids each); returns the
+    outputs in the order of `sequences`."""
+    outputs = [None] * len(sequences)
+    with bar(description, total=len(sequences), unit="prompt") as progress_bar:
+        for batch in batches_by_length([len(ids) for ids in sequences], batch_size):
+            input_ids, attention_mask = pad_right([sequences[i] for i in batch])
+            for index, output in zip(batch, forward(input_ids.to(device), attention_mask.to(device))):
+                outputs[index] = output
+            progress_bar.update(len(batch))
+    return outputs
+
+
+@torch.no_grad()
+def bridge_patterns(bridge, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    blocks: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Attention patterns of `blocks` from the bridge cache (hook_pattern), and the logits at the last token.
+
+    input_ids, attention_mask: [batch, seq], right-padded (pad_right). Returns per row (patterns
+    [len(blocks), heads, seq_i, seq_i], logits at its last real position [vocab]), float32 on the cpu.
+    Only the band's hooks are cached.
     """
     names = [hooks.block_site("pattern", block) for block in blocks]
-    logits, cache = bridge.run_with_cache(input_ids, names_filter=lambda name: name in names)
-    patterns = torch.stack([cache[name][0] for name in names]).float().cpu()
-    return patterns, logits[0, -1].float().cpu()
+    logits, cache = bridge.run_with_cache(input_ids, attention_mask=attention_mask,
+                                          names_filter=lambda name: name in names)
+    patterns = torch.stack([cache[name] for name in names], dim=1)  # [batch, blocks, heads, seq, seq]
+    lengths = attention_mask.sum(-1).tolist()
+    return [(patterns[row, :, :, :n, :n].float().cpu(), logits[row, n - 1].float().cpu())
+            for row, n in enumerate(lengths)]
 
 
 @torch.no_grad()
-def hf_patterns(hf_model, input_ids: torch.Tensor, blocks: list[int]) -> torch.Tensor:
+def hf_patterns(hf_model, input_ids: torch.Tensor, attention_mask: torch.Tensor, blocks: list[int]) -> list:
     """The same patterns from Hugging Face's eager attention (`output_attentions=True`), the reference.
 
     Must run before the bridge is booted: booting wraps HF's attention modules, which then return no weights.
-    Returns [len(blocks), heads, seq, seq] float32 on the cpu.
+    input_ids, attention_mask: [batch, seq], right-padded. Returns per row [len(blocks), heads, seq_i, seq_i]
+    float32 on the cpu.
     """
-    attentions = hf_model(input_ids, output_attentions=True).attentions
+    attentions = hf_model(input_ids, attention_mask=attention_mask, output_attentions=True).attentions
     if not attentions:
         raise RuntimeError("HF returned no attention weights: call hf_patterns before booting the bridge")
-    return torch.stack([attentions[i][0] for i in blocks]).float().cpu()
+    patterns = torch.stack([attentions[i] for i in blocks], dim=1)  # [batch, blocks, heads, seq, seq]
+    return [patterns[row, :, :, :n, :n].float().cpu() for row, n in enumerate(attention_mask.sum(-1).tolist())]
+
+
+def most_padded_prompt_alone(bridge, sequences: list[torch.Tensor], batch_size: int, blocks: list[int], device):
+    """(index, its patterns [blocks, heads, seq, seq] from a forward of its own) of the prompt that was padded
+    most in its batch, to compare with its batched patterns; None when every forward held one prompt."""
+    lengths = [len(ids) for ids in sequences]
+    padding = [(max(lengths[j] for j in batch) - lengths[i], -i) for batch in batches_by_length(lengths, batch_size)
+               if len(batch) > 1 for i in batch]
+    if not padding:
+        return None
+    index = -max(padding)[1]  # the most padding; the first such prompt on a tie
+    input_ids = sequences[index][None].to(device)  # [1, seq]: no padding
+    [(alone, _)] = bridge_patterns(bridge, input_ids, torch.ones_like(input_ids), blocks)
+    return index, alone
 
 
 def pattern_checks(patterns: list[torch.Tensor], references: list[torch.Tensor], masses: list[torch.Tensor],
-                   dtype) -> list[dict]:
+                   dtype, alone: tuple[int, torch.Tensor] | None = None) -> list[dict]:
     """The run's invariants, as common.report.check_lines reads them.
 
-    patterns, references: per prompt [blocks, heads, seq, seq] (bridge, HF eager); masses: per prompt
-    [blocks, heads, len(BUCKETS)]. Tolerance 1e-5 in float32, common.checks' rule in half precision.
+    patterns, references: per prompt [blocks, heads, seq, seq] (bridge, HF eager, run in the same batches);
+    masses: per prompt [blocks, heads, len(BUCKETS)]; alone: (index, that prompt's patterns from a forward of
+    its own), checked against patterns[index] when given. Half precision: common.checks' rule (scale 1, the
+    patterns are probabilities). float32: 1e-5, and 1e-4 against the prompt run alone, where a batch's other
+    matrix shapes change the rounding (measured up to 5e-6 on SmolLM2 and the tiny Gemma-2; a padding
+    fault moves the patterns by far more).
     """
-    allowed = tolerance(dtype, 1.0, 1e-5)  # patterns are probabilities: scale 1
-
     def worst(values):
         return max(values) if values else math.nan
 
-    row_sum = worst([(p.sum(-1) - 1).abs().max().item() for p in patterns])
-    future = worst([p.triu(diagonal=1).abs().max().item() for p in patterns])
-    mass_sum = worst([(m.sum(-1) - 1).abs().max().item() for m in masses])
-    vs_hf = worst([(p - r).abs().max().item() for p, r in zip(patterns, references)])
-    rows = [("every attention row sums to 1", row_sum), ("no attention on later positions (causal)", future),
-            ("masses by type sum to 1 per head", mass_sum),
-            ("bridge hook_pattern == HF eager output_attentions", vs_hf)]
-    return [check(name, diff, allowed) for name, diff in rows]
+    rows = [("every attention row sums to 1", worst([(p.sum(-1) - 1).abs().max().item() for p in patterns]), 1e-5),
+            ("no attention on later positions (causal)",
+             worst([p.triu(diagonal=1).abs().max().item() for p in patterns]), 1e-5),
+            ("masses by type sum to 1 per head", worst([(m.sum(-1) - 1).abs().max().item() for m in masses]), 1e-5),
+            ("bridge hook_pattern == HF eager output_attentions",
+             worst([(p - r).abs().max().item() for p, r in zip(patterns, references)]), 1e-5)]
+    if alone is not None:
+        index, pattern = alone
+        rows.append(("patterns of the most padded prompt in its batch == the prompt run alone",
+                     (patterns[index] - pattern).abs().max().item(), 1e-4))
+    return [check(name, diff, tolerance(dtype, 1.0, float32_tolerance)) for name, diff, float32_tolerance in rows]
 
 
 # ----------------------------------------------------------------------------- ranking
 
 
-def rank_heads(subject_mass: torch.Tensor, has_subject: torch.Tensor, top_k: int) -> list[dict]:
-    """Rank heads by their mean attention mass on the subject entity, over the prompts that have one.
+@dataclass(frozen=True)
+class RankedHead:
+    """One head's attention on the subject entity over the prompts that have one (see rank_heads)."""
+    layer: int
+    head: int
+    kv_head: int
+    mean: float
+    std: float
+    min: float
+    top_rate: float
+    subject_mass: dict  # common.stats.interval of its subject mass over those prompts: {"value", "ci95", "n", ...}
+    in_top_k: dict  # common.stats.proportion: the share of those prompts where it is among the top k, with interval
 
-    subject_mass: [prompts, blocks, heads]; has_subject: [prompts] bool. Returns one dict per head, best
-    first, with indexes into the blocks/heads axes: mean, std (population), min over those prompts, and
-    top_rate = the share of them on which the head is among that prompt's `top_k` heads (consistency).
-    Empty when no prompt has a subject.
+    def as_record(self) -> dict:
+        """The head as results.json's "head_ranking" holds it (003 reads layer, head, mean, top_rate)."""
+        return {"head": self.head, "mean": self.mean, "std": self.std, "min": self.min, "top_rate": self.top_rate,
+                "layer": self.layer, "kv_head": self.kv_head, "subject_mass": self.subject_mass,
+                "in_top_k": self.in_top_k}
+
+
+def rank_heads(subject_mass: torch.Tensor, has_subject: torch.Tensor, top_k: int, band: Band,
+               seed: int = 0) -> list[RankedHead]:
+    """Rank the band's heads by their mean attention mass on the subject entity, over the prompts that have one.
+
+    subject_mass: [prompts, blocks, heads]; has_subject: [prompts] bool. Returns every head, best first (ties
+    in block-then-head order): mean, std (population), min over those prompts, and top_rate = the share of
+    them on which the head is among that prompt's `top_k` heads (consistency); the mean and the share also as
+    seeded bootstrap intervals over the prompts (common.stats). Empty when no prompt has a subject.
     """
     mass = subject_mass[has_subject]  # [p, blocks, heads]
     if mass.shape[0] == 0:
         return []
-    p, n_blocks, n_heads = mass.shape
+    p, _, n_heads = mass.shape
     flat = mass.reshape(p, -1)  # [p, blocks * heads]
     k = min(top_k, flat.shape[1])
     in_top = torch.zeros_like(flat, dtype=torch.bool)
@@ -331,5 +510,7 @@ def rank_heads(subject_mass: torch.Tensor, has_subject: torch.Tensor, top_k: int
     mean, std, low = flat.mean(0), flat.std(0, unbiased=False), flat.min(0).values
     rate = in_top.float().mean(0)
     order = torch.argsort(mean, descending=True, stable=True)
-    return [{"block_index": int(i) // n_heads, "head": int(i) % n_heads, "mean": float(mean[i]),
-             "std": float(std[i]), "min": float(low[i]), "top_rate": float(rate[i])} for i in order]
+    kv_of = band.kv_head_of_head
+    return [RankedHead(band.layers[int(i) // n_heads], int(i) % n_heads, kv_of[int(i) % n_heads], float(mean[i]),
+                       float(std[i]), float(low[i]), float(rate[i]), stats.interval(flat[:, i].tolist(), seed=seed),
+                       stats.proportion(in_top[:, i].tolist(), seed=seed)) for i in order]

@@ -28,9 +28,13 @@ positions) are run by the lab's one intervention engine, common/interventions.py
 from __future__ import annotations
 
 import copy
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from accelerate.hooks import remove_hook_from_module
+from accelerate.utils import align_module_device
 
 from . import hooks
 from .checks import check, tolerance
@@ -54,16 +58,39 @@ def cache_hook_names(model) -> list[str]:
     return names
 
 
+def unwrapped(module):
+    """The Hugging Face module under a TransformerLens bridge wrapper (the module itself when it is not one)."""
+    return module.original_component if hasattr(module, "original_component") else module
+
+
+@contextmanager
+def materialized(module):
+    """The module's Hugging Face module, its weights readable on the execution device for the context.
+
+    With MAX_MEMORY_GB, accelerate keeps an offloaded layer's weights on the "meta" device (no data) except
+    during that layer's own forward pass. Reading W_O or a norm weight of such a layer therefore goes through
+    accelerate's `align_module_device`, which puts them in (from CPU memory or the disk) and takes them out at
+    the end. Read inside the context and do not run the module there: its forward takes them out early.
+    Without offloading this changes nothing.
+    """
+    inner = unwrapped(module)
+    with align_module_device(inner):
+        yield inner
+
+
 def _probe_norm(norm) -> tuple[str, torch.Tensor]:
     """(convention, effective weight float32 [d_model]) of an RMSNorm module, read by running it on ones."""
-    weight = getattr(norm, "weight", None)
-    if weight is None:
-        raise ValueError(f"{type(norm).__name__} has no weight: the attribution supports RMSNorm-style norms.")
+    with materialized(norm) as module:
+        weight = getattr(module, "weight", None)
+        if weight is None:
+            raise ValueError(f"{type(module).__name__} has no weight: the attribution supports RMSNorm-style norms.")
+        weight = weight.detach().float().clone()
+        probe_module = remove_hook_from_module(copy.deepcopy(module))  # a plain copy, not tied to the offload
     # Probed in float32: in bfloat16, Gemma-3's final-norm weights (up to ~280) round by more than the 1 that
     # tells "1 + w" from "w" (measured: the wrong convention was picked, and DLA missed the logit by 15%).
     with torch.no_grad():
-        probe = copy.deepcopy(norm).float()(torch.ones(1, 1, weight.shape[-1], device=weight.device))[0, 0]
-    candidates = {"w": weight.detach().float(), "1 + w": 1.0 + weight.detach().float()}
+        probe = probe_module.float()(torch.ones(1, 1, weight.shape[-1], device=weight.device))[0, 0].float()
+    candidates = {"w": weight, "1 + w": 1.0 + weight}
     distance = {name: (probe - w).abs().max().item() for name, w in candidates.items()}
     best = min(distance, key=distance.get)
     if distance[best] > 1e-2 * max(1.0, candidates[best].abs().max().item()):
@@ -114,13 +141,9 @@ class Decomposition:
     resid_final: torch.Tensor  # [d_model]: the model's own residual entering the final norm
     rms_final: torch.Tensor  # scalar: the final norm's scale sqrt(mean(x^2) + eps), frozen from the run
 
-    def total(self) -> torch.Tensor:
-        """[d_model]: the sum of all pieces."""
-        return self.embed + self.heads.sum(dim=(0, 1)) + self.attn_bias.sum(dim=0) + self.mlps.sum(dim=0)
-
     def blocks_in_model_order(self) -> torch.Tensor:
         """[d_model]: embed + attn_out_0 + mlp_out_0 + attn_out_1 + ..., added in the order the model adds them
-        (so in float32 it reproduces the model's residual bit for bit, while `total` differs by rounding)."""
+        (so in float32 it reproduces the model's residual bit for bit; another order differs by rounding)."""
         x = self.embed
         for attn, mlp in zip(self.attn_out, self.mlps):
             x = (x + attn) + mlp
@@ -148,9 +171,10 @@ def attention_pieces(model, z: torch.Tensor, post_scales: torch.Tensor | None) -
     """
     heads, biases = [], []
     for layer, block in enumerate(model.hf_model.model.layers):
-        o_proj = block.self_attn.o_proj
-        head = head_outputs(z[layer].float(), o_proj.weight.detach().float())  # [n_heads, d_model]
-        bias = o_proj.bias.detach().float() if getattr(o_proj, "bias", None) is not None else torch.zeros_like(head[0])
+        with materialized(block.self_attn.o_proj) as o_proj:  # (offloaded layers too)
+            head = head_outputs(z[layer].float(), o_proj.weight.detach().float())  # [n_heads, d_model]
+            bias = (o_proj.bias.detach().float().clone() if getattr(o_proj, "bias", None) is not None
+                    else torch.zeros_like(head[0]))
         if post_scales is not None:  # the frozen norm is a fixed elementwise linear map
             head, bias = head * post_scales[layer], bias * post_scales[layer]
         heads.append(head)
@@ -184,14 +208,14 @@ def metric_direction(model, target_id: int, counter_id: int | None = None) -> tu
     Returns (direction [d_model] float32, bias): metric = final_norm(x) @ direction + bias, where the metric is
     the target's logit (counter_id None) or logit(target) - logit(counter_id), both before any soft-cap.
     """
-    unembedding = model.unembedding
-    W_U = unembedding.weight.detach()  # [vocab, d_model]
-    b_U = getattr(unembedding, "bias", None)
-    direction = W_U[target_id].float()
-    bias = float(b_U[target_id]) if b_U is not None else 0.0
-    if counter_id is not None:
-        direction = direction - W_U[counter_id].float()
-        bias -= float(b_U[counter_id]) if b_U is not None else 0.0
+    with materialized(model.unembedding) as unembedding:
+        W_U = unembedding.weight.detach()  # [vocab, d_model]
+        b_U = unembedding.bias.detach() if getattr(unembedding, "bias", None) is not None else None
+        direction = W_U[target_id].float().clone()
+        bias = float(b_U[target_id]) if b_U is not None else 0.0
+        if counter_id is not None:
+            direction = direction - W_U[counter_id].float()
+            bias -= float(b_U[counter_id]) if b_U is not None else 0.0
     return direction, bias
 
 
@@ -232,7 +256,22 @@ class Attribution:
         return self.heads.sum(dim=-1)
 
     def total(self) -> float:
+        """The sum of all parts: what the attribution says the metric is (checked against the model's own)."""
         return self.embed + float(self.heads.sum()) + float(self.mlps.sum()) + self.bias
+
+    def attention_share(self) -> float | None:
+        """What the heads write directly as a share of what heads and MLPs write: a / (|a| + |m|), a and m the
+        sums over all heads and all MLPs. In [-1, 1]; a / (a + m) when both push the metric up; a negative share
+        means the heads together push it down. None when both sums are 0."""
+        heads, mlps = float(self.heads.sum()), float(self.mlps.sum())
+        size = abs(heads) + abs(mlps)
+        return heads / size if size else None
+
+    def as_record(self) -> dict:
+        """The results.json "attribution" record."""
+        return {"embed": self.embed, "heads": self.heads.tolist(), "mlps": self.mlps.tolist(),
+                "attn_per_layer": self.attn_per_layer.tolist(), "attn_bias": self.attn_bias.tolist(),
+                "unembed_bias": self.unembed_bias, "bias": self.bias, "total": self.total()}
 
 
 def direct_attributor(model, rms_final: torch.Tensor, target_id: int, counter_id: int | None = None):
@@ -263,6 +302,78 @@ def direct_effects_of_ablation(model, cache, decomposition: Decomposition, z_val
     dla = direct_attributor(model, decomposition.rms_final, target_id, counter_id)
     replaced_heads, _ = attention_pieces(model, z_values, post_attention_scales(model, cache))
     return dla(decomposition.heads) - dla(replaced_heads), dla(decomposition.mlps) - dla(mlp_values.float())
+
+
+def frozen_norm(model, scale_hook: str, norm, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The model's own norm module on x [..., d_model], its scale frozen to `scale` [..., 1] (then it is linear).
+
+    norm: the norm's bridge component; scale_hook: its hook_scale's name (e.g. hooks.FINAL_NORM_SCALE).
+    TransformerLens rebuilds a norm's output from an edited hook_scale with the module's own weight and
+    convention; it warns that this leaves HF's kernel, which is what is asked for here. Returns the model's dtype.
+    """
+    def freeze(value, hook):
+        return scale.to(value.device, value.dtype).expand_as(value).clone()
+
+    with materialized(norm) as module, model.bridge.hooks(fwd_hooks=[(scale_hook, freeze)]), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return norm(x.to(module.weight.device, model.dtype))  # (the norm's own device: several GPUs)
+
+
+def removed_at_last_position(model, cache, z_values: torch.Tensor, mlp_values: torch.Tensor,
+                             head_mask: torch.Tensor, mlp_mask: torch.Tensor) -> torch.Tensor:
+    """What each ablated set takes from the residual stream at the last position, by the model's own modules.
+
+    A layer's attention output is recomputed by its own o_proj on hook_z with the set's heads replaced (then
+    Gemma's post-attention norm, its scale frozen), against the same on the clean hook_z; an MLP loses its
+    output minus its replacement. head_mask [n_sets, L, H], mlp_mask [n_sets, L], z_values [L, H, head_dim],
+    mlp_values [L, d_model]: as for `run_ablations`. Returns [n_sets, d_model] float32 on the CPU.
+    """
+    removed = torch.zeros(head_mask.shape[0], model.d_model)
+    for layer, block in enumerate(model.hf_model.model.layers):
+        rows = head_mask[:, layer].any(dim=-1)  # [n_sets]
+        if rows.any():
+            z = cache[hooks.block_site("head", layer)][0, -1]  # [n_heads, head_dim]
+            ablated = torch.where(head_mask[rows, layer, :, None].to(z.device), z_values[layer].to(z), z)
+            outputs = unwrapped(block.self_attn.o_proj)(torch.cat([z[None], ablated]).flatten(-2))  # clean first
+            if has_post_attention_norm(model):
+                scale = cache[hooks.post_attention_norm_scale(layer)][0, -1]
+                outputs = frozen_norm(model, hooks.post_attention_norm_scale(layer),
+                                      model.bridge.blocks[layer].ln1_post, outputs[:, None], scale)[:, 0]
+            removed[rows] += (outputs[0] - outputs[1:]).float().cpu()
+        if mlp_mask[:, layer].any():
+            clean = cache[hooks.block_site("mlp", layer)][0, -1]
+            removed[mlp_mask[:, layer]] += (clean.float() - mlp_values[layer].float()).cpu()
+    return removed
+
+
+def direct_effects_by_the_model(model, cache, z_values: torch.Tensor, mlp_values: torch.Tensor,
+                                head_mask: torch.Tensor, mlp_mask: torch.Tensor, target_id: int,
+                                counter_id: int | None = None) -> torch.Tensor:
+    """Each ablated set's direct effect computed apart from the attribution: a reference for its self-check.
+
+    The residual stream entering the final norm at the last position loses what the set writes there
+    (`removed_at_last_position`); the model's own final norm (scale frozen from the run) and unembedding then
+    give the metric. Nothing of W_O, the norm weights or W_U is read by hand. Returns [n_sets] float32:
+    metric(clean) - metric(without what the set writes), the same quantity as `direct_effects_of_ablation`.
+    """
+    removed = removed_at_last_position(model, cache, z_values, mlp_values, head_mask, mlp_mask)
+    resid = cache[hooks.FINAL_NORM_INPUT][0, -1].float().cpu()  # [d_model]
+    residuals = torch.cat([resid[None], resid - removed])  # [1 + n_sets, d_model]: clean first
+    normed = frozen_norm(model, hooks.FINAL_NORM_SCALE, model.bridge.ln_final, residuals[:, None],
+                         cache[hooks.FINAL_NORM_SCALE][0, -1])[:, 0]
+    metric = torch.cat([metric_from_logits(model.unembedding(rows), target_id, counter_id).cpu()
+                        for rows in normed.split(64)])  # in slices: [64, vocab] logits at a time
+    return metric[0] - metric[1:]
+
+
+def direct_effect_check(model, reference: torch.Tensor, direct_effects: torch.Tensor,
+                        logits_pre_softcap: torch.Tensor) -> dict:
+    """The direct effects a run reports against `direct_effects_by_the_model`, both [n_sets]."""
+    return check("direct effect of each ablation == the metric it takes away at the final norm's input "
+                 "(model's own o_proj, norms and unembedding)",
+                 (direct_effects.float().cpu() - reference.float().cpu()).abs().max().item(),
+                 tolerance(model.dtype, logits_pre_softcap, 1e-4))
 
 
 def decomposition_checks(model, decomposition: Decomposition, attribution: Attribution,

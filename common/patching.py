@@ -33,6 +33,7 @@ from .checks import check, tolerance
 from .errors import LabError
 from .interventions import BaseRun, CachedRun, Readout, cache_run, reference_run, run_rows, unchanged_rows
 from .progress import progress
+from .stats import band, interval, paired_difference, proportion, share
 from .prompts import Target, encode, read_json_list, target_token, token_strings
 
 PATCH_SITES = ("resid", "attn", "mlp", "head")
@@ -619,6 +620,15 @@ class PairStudy:
     def clean_is_top1_in_clean_run(self) -> bool:
         return bool(self.baseline.clean.read(self.baseline.readout)["clean_is_top1"])
 
+    @property
+    def clean_is_top1_in_corrupt_run(self) -> bool:
+        return bool(self.baseline.corrupt.read(self.baseline.readout)["clean_is_top1"])
+
+    @property
+    def can_switch(self) -> bool:
+        """The clean run answers clean and the corrupt run does not: only then can a patch switch the answer."""
+        return self.clean_is_top1_in_clean_run and not self.clean_is_top1_in_corrupt_run
+
     def p_clean_answer(self) -> dict:
         return {which: run.read(self.baseline.readout)["p_clean"]
                 for which, run in (("clean", self.baseline.clean), ("corrupt", self.baseline.corrupt))}
@@ -636,6 +646,7 @@ class PairStudy:
             "logit_diff_clean": b.logit_diff_clean, "logit_diff_corrupt": b.logit_diff_corrupt,
             "p_clean_answer": self.p_clean_answer(),
             "clean_answer_top1_in_clean_run": self.clean_is_top1_in_clean_run,
+            "clean_answer_top1_in_corrupt_run": self.clean_is_top1_in_corrupt_run,
             "exact": {g: grid_record(grid.exact) for g, grid in exact.items()},
             "attribution": {g: grid.attribution.tolist() for g, grid in attribution.items()},
             "correlation": {g: grid.correlation() for g, grid in exact.items() if g in attribution},
@@ -678,3 +689,115 @@ def study_pair(model, pair: dict, encoded: EncodedPair, grid_names: list[str], s
         checks.append(trace.check)
     return PairStudy(pair, baseline, tokens, grids, settings.method in ("exact", "both"),
                      switch_link(model, baseline, final_top1), trace, checks)
+
+
+# ----------------------------------------------------------------------------- statistics across pairs
+
+RESTORED = 0.5  # a patch "restores" the clean answer when it moves the normalized logit diff at least half-way
+TOP_HEADS = 5  # a pair's strongest heads: the 5 largest |effect| of its final-position head grid
+
+
+def subject_and_last(study: PairStudy) -> tuple[list[float], list[float]] | None:
+    """Exact patching of one residual position per layer: ([n_layers + 1] at the subject's last token (the
+    last differing position), [n_layers + 1] at the last position), or None without an exact resid grid."""
+    grid = study.grids.get("resid")
+    if grid is None or grid.exact is None:
+        return None
+    subject = study.differing_positions[-1]
+    return grid.exact[:, subject].tolist(), grid.exact[:, -1].tolist()
+
+
+def handoff(subject: list[float], last: list[float]) -> tuple[int | None, int | None]:
+    """(the last layer whose subject-position patch restores the answer, the first layer from which the
+    last-position patch restores it to the end), each None when there is none (`RESTORED`)."""
+    carried = [layer for layer, value in enumerate(subject) if value >= RESTORED]
+    return (carried[-1] if carried else None), lens.first_layer_staying_true([v >= RESTORED for v in last])
+
+
+def strongest_heads(study: PairStudy, k: int = TOP_HEADS) -> list[str] | None:
+    """The pair's k heads ("L23H4") of largest |effect| at the final position (head_final, else head_all;
+    exact where it ran, else the attribution estimate; cells not run are left out), or None without a grid."""
+    grid = study.grids.get("head_final") or study.grids.get("head_all")
+    if grid is None:
+        return None
+    values = (grid.exact if grid.exact is not None else grid.attribution).flatten().double()
+    finite = torch.nonzero(values.isfinite()).flatten()
+    order = finite[values[finite].abs().argsort(descending=True, stable=True)[:k]].tolist()
+    n_heads = grid.layout.shape[1]
+    return [f"L{i // n_heads}H{i % n_heads}" for i in order]
+
+
+def head_frequency(per_pair: list[list[str] | None], seed: int) -> list[dict]:
+    """How often each head is among a pair's strongest, over the pairs that have a head grid, most often first:
+    [{"head", "share": {"value", "ci95", "n"}}] for every head in at least one pair's list."""
+    lists = [heads for heads in per_pair if heads is not None]
+    names = sorted({h for heads in lists for h in heads}, key=lambda h: -sum(h in heads for heads in lists))
+    return [{"head": h, "share": proportion([h in heads for heads in lists], seed=seed)} for h in names]
+
+
+def depth(layer: int | None, n_layers: int) -> float | None:
+    """A layer as a fraction of the model's depth (None stays None)."""
+    return None if layer is None else layer / n_layers
+
+
+@dataclass
+class AcrossPairs:
+    """004's statistics over its pairs, each {"value", "ci95", "n"} (common/stats.py); depths are layer /
+    n_layers. `as_record()` is results.json's "across_pairs"."""
+    n_pairs: int
+    switchable: dict  # share of pairs that can switch (`PairStudy.can_switch`)
+    switch_share: dict  # of the switchable pairs: share with a switch layer
+    switch_depth: dict  # of the switchable pairs with a switch: median switch depth
+    resolution_depth: dict  # median depth at which 001's lens resolves the clean prompt
+    lens_lag: dict  # median over pairs of resolution depth - switch depth (> 0: the lens reads it later)
+    subject_until: dict  # median last depth at which the subject's residual restores the answer (>= RESTORED)
+    last_from: dict  # median first depth from which the last position's residual restores it
+    restoration: dict  # {"subject"|"last": {"value", "lo", "hi"}}: mean exact resid patch per layer with a 95% band
+    heads: list  # head_frequency
+    correlation: dict  # {grid: median Pearson r of exact vs attribution over pairs}
+    by_relation: dict  # {relation: {"n", "switchable", "switch_share", "switch_depth"}}
+
+    def as_record(self) -> dict:
+        return dict(self.__dict__) | {"restored_threshold": RESTORED, "top_heads": TOP_HEADS}
+
+
+def restoration_bands(curves: list[tuple[list, list]], seed: int) -> dict:
+    """Mean over pairs of the per-layer subject and last-position curves (`subject_and_last`) with 95% bands."""
+    out = {}
+    for which, index in (("subject", 0), ("last", 1)):
+        value, lo, hi = band([curve[index] for curve in curves], "mean", seed=seed) if curves else ([], [], [])
+        out[which] = {"value": list(map(float, value)), "lo": [None if v != v else float(v) for v in lo],
+                      "hi": [None if v != v else float(v) for v in hi], "n": len(curves)}
+    return out
+
+
+def switch_statistics(studies: list[PairStudy], seed: int) -> dict:
+    """Share of pairs with a switch and their median switch depth, over the pairs that can switch (the clean
+    run answers clean, the corrupt run does not: a pair whose corrupt run already answers clean would
+    "switch" at layer 0, one whose clean run does not never)."""
+    depths = [depth(s.link.switch_layer, s.link.n_layers) for s in studies if s.can_switch]
+    return {"switch_share": share(depths, seed=seed), "switch_depth": interval(depths, "median", seed=seed)}
+
+
+def across_pairs(studies: list[PairStudy], seed: int) -> AcrossPairs:
+    """The statistics of `AcrossPairs` over every studied pair (seeded bootstrap intervals)."""
+    n = studies[0].link.n_layers
+    switch = [depth(s.link.switch_layer, n) for s in studies]
+    resolution = [depth(s.link.resolution_layer, n) for s in studies]
+    curves = [c for c in map(subject_and_last, studies) if c is not None]
+    handoffs = [handoff(*c) for c in curves]
+    grids = sorted({g for s in studies for g, grid in s.grids.items() if grid.correlation() is not None})
+    relations: dict[str, list[PairStudy]] = {}
+    for study in studies:
+        relations.setdefault(study.pair.get("relation", "-"), []).append(study)
+    return AcrossPairs(
+        len(studies), proportion([s.can_switch for s in studies], seed=seed),
+        **switch_statistics(studies, seed), resolution_depth=interval(resolution, "median", seed=seed),
+        lens_lag=paired_difference(resolution, switch, "median", seed=seed),
+        subject_until=interval([depth(h[0], n) for h in handoffs], "median", seed=seed),
+        last_from=interval([depth(h[1], n) for h in handoffs], "median", seed=seed),
+        restoration=restoration_bands(curves, seed), heads=head_frequency(list(map(strongest_heads, studies)), seed),
+        correlation={g: interval([s.grids[g].correlation() for s in studies if g in s.grids], "median", seed=seed)
+                     for g in grids},
+        by_relation={r: {"n": len(group), "switchable": sum(s.can_switch for s in group)} | switch_statistics(group, seed)
+                     for r, group in relations.items()})

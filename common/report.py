@@ -248,12 +248,16 @@ def heatmap(matrix, row_labels: list[str], col_labels: list[str], title: str, co
 def curves(panels: list[dict], title: str, xlabel: str):
     """Line plots side by side, one per panel.
 
-    panels: [{"ylabel": str, "series": [(label, xs, ys), ...], "ylim": (low, high) or None}].
+    panels: [{"ylabel": str, "series": [(label, xs, ys) or (label, xs, ys, (lows, highs)), ...],
+              "ylim": (low, high) or None}]; a series with (lows, highs) is drawn with that band shaded.
     """
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     for ax, panel in zip(axes[0], panels):
-        for label, xs, ys in panel["series"]:
-            ax.plot(xs, ys, marker=".", label=label)
+        for label, xs, ys, *band in panel["series"]:
+            line, = ax.plot(xs, ys, marker=".", label=label)
+            if band:  # None where there is no interval (one prompt): nothing drawn there
+                lows, highs = ([float("nan") if v is None else v for v in edge] for edge in band[0])
+                ax.fill_between(xs, lows, highs, color=line.get_color(), alpha=0.2, linewidth=0)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(panel["ylabel"])
         if panel.get("ylim"):

@@ -50,7 +50,9 @@ from pathlib import Path
 import torch
 
 from .errors import LabError
-from .lens import LensSweep, lens_metrics, residual_stream, unembed
+from .checks import check, tolerance
+from .lens import (LensTrajectory, kl_divergence, metric_checks, metrics_by_temperature, residual_stream,
+                   trajectories, unembed)
 from .progress import bar, progress
 
 CACHE_FORMAT = 1  # bump when a cached lens must be retrained
@@ -136,48 +138,23 @@ class TunedLens(torch.nn.Module):
 
 
 def kl_to_final(final_logits: torch.Tensor, lens_logits: torch.Tensor) -> torch.Tensor:
-    """KL(final || lens) in nats. final_logits, lens_logits: [tokens, vocab] -> [tokens]."""
-    final_logp = torch.log_softmax(final_logits.float(), dim=-1)
-    lens_logp = torch.log_softmax(lens_logits.float(), dim=-1)
-    kl = torch.nn.functional.kl_div(lens_logp, final_logp, log_target=True, reduction="none").sum(dim=-1)
-    return kl.clamp_min(0.0)
+    """KL(final || lens) in nats, clamped at 0 (rounding). final_logits, lens_logits: [tokens, vocab] -> [tokens]."""
+    return kl_divergence(final_logits, lens_logits).clamp_min(0.0)
 
 
-def tuned_sweep(model, lens: TunedLens, input_ids: torch.Tensor, target_id: int, top_k: int = 5) -> LensSweep:
-    """Like common.lens.sweep (temperature 1) with the tuned lens; its self-check: last layer == model logits.
+def tuned_sweep(model, lens: TunedLens, input_ids: torch.Tensor, target_id: int, top_k: int = 5) -> LensTrajectory:
+    """Like common.lens.sweep (temperature 1) with the tuned lens. input_ids: [1, seq].
 
-    input_ids: [1, seq].
+    Its checks: the last layer (no translator) == the model's logits, then common.lens.metric_checks.
     """
     resid, model_logits = residual_stream(model, input_ids)  # [n_layers + 1, d_model], [vocab]
     with torch.no_grad():
         logits = lens.sweep_logits(model, resid)  # [n_layers + 1, vocab]
     diff = (logits[-1] - model_logits.float()).abs().max().item()
-    tolerance = 1e-4 if model.dtype == torch.float32 else 1e-2 * max(1.0, model_logits.float().abs().max().item())
-    check = {"name": "tuned lens at the last layer == model logits", "max_abs_diff": diff,
-             "tolerance": tolerance, "passed": diff <= tolerance}
-    return LensSweep(model, lens_metrics(logits, target_id, top_k), check, use_norm=True)
-
-
-def prompt_fields(model, trained: "TrainedLens", input_ids: torch.Tensor, target_id: int, top_k: int = 5) -> dict:
-    """What the tuned lens adds to one 001 prompt record: "tuned_layers" (the fields of "layers"),
-    "tuned_resolution" (common.lens.resolution_depth) and "tuned_self_check". input_ids: [1, seq]."""
-    from .lens import resolution_depth
-    result = tuned_sweep(model, trained.lens, input_ids, target_id, top_k)
-    return {"tuned_layers": result.layer_records(), "tuned_self_check": result.check,
-            "tuned_resolution": resolution_depth(result.target_rank, result.target_prob, result.entropy)}
-
-
-def heldout_kl_figure(heldout_kl: dict, title: str):
-    """Held-out KL(final || lens) of both lenses against depth (symlog scale: layer 0 is far above the rest)."""
-    from .report import curves
-    n_layers = len(heldout_kl["norm"]) - 1
-    depth = [layer / n_layers for layer in range(n_layers + 1)]
-    fig = curves([{"ylabel": "mean KL(final || lens), nats (held-out text)",
-                   "series": [("NORM lens", depth, heldout_kl["norm"]), ("tuned lens", depth, heldout_kl["tuned"])]}],
-                 title, "depth (layer / n_layers)")
-    fig.axes[0].set_yscale("symlog", linthresh=0.1)
-    fig.axes[0].set_ylim(bottom=0)
-    return fig
+    metrics = metrics_by_temperature(logits, target_id, top_k, (1.0,))
+    checks = [check("tuned lens at the last layer == model logits", diff, tolerance(model.dtype, model_logits, 1e-4))]
+    checks += metric_checks("tuned lens", logits, model_logits, target_id, metrics, model.dtype)
+    return trajectories(model, metrics, checks)[1.0]
 
 
 # ----------------------------------------------------------------------------- the corpus

@@ -1,10 +1,15 @@
-"""001 end to end on the embedded model, as the user runs it, and its bad inputs."""
+"""001 end to end on the embedded model, as the user runs it, its bad inputs, and a fault injected into each
+self-check's code path that the run's report must show as FAIL."""
+import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+import torch
 
-from conftest import assert_fails_cleanly, run_folders, run_script
+from common import lens, tuned_lens
+from common.config import parse_toggles
+from conftest import REPO, assert_fails_cleanly, run_folders, run_script
 
 SCRIPT = "001_layers_and_logits/run.py"
 
@@ -23,18 +28,30 @@ def _check_contract(results: dict, lens: str):
             assert layer["depth"] == pytest.approx(layer["layer"] / 30)
             assert all(isinstance(tok, str) and 0 <= p <= 1 for tok, p in layer["top_tokens"])
             assert 0 <= layer["target_prob"] <= 1 and isinstance(layer["target_rank"], int)
-            assert layer["entropy"] >= 0 and layer["kl_to_final"] >= 0
-        assert layers[-1]["kl_to_final"] == 0
+            assert layer["entropy"] >= 0
         assert prompt["self_check"]["passed"]
+
+
+N_FACTS = 10
+
+
+def chosen_facts() -> list[dict]:
+    """The facts the FACTS=N_FACTS runs read: relations taking turns."""
+    from common.facts import facts_in_turns
+    return facts_in_turns(json.loads((Path(__file__).parent.parent / "001_layers_and_logits" / "prompts.json")
+                                     .read_text()), N_FACTS)
 
 
 @pytest.fixture(scope="module")
 def norm_and_raw_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs001")
     # NORM: everything (all formats, paraphrases, probes, temperatures); RAW: the main prompts only.
-    norm = run_script(SCRIPT, f"--OUT_DIR={out}", "--MODEL=smollm2-135m", "--TOP_K=3", "--PROMPT_FORMAT=all")
+    # FACTS=10: one fact of each of the 10 relations (relations take turns), which keeps the test quick.
+    norm = run_script(SCRIPT, f"--OUT_DIR={out}", "--MODEL=smollm2-135m", "--TOP_K=3", "--PROMPT_FORMAT=all",
+                      f"--FACTS={N_FACTS}")
     raw = run_script(SCRIPT, f"--OUT_DIR={out}", "--MODEL=smollm2-135m", "--USE_NORM_LENS=False", "--TOP_K=3",
-                     "--PROMPT_FORMAT=completion", "--PARAPHRASES=False", "--DIRECTION_PROBES=False")
+                     "--PROMPT_FORMAT=completion", "--PARAPHRASES=False", "--DIRECTION_PROBES=False",
+                     f"--FACTS={N_FACTS}")
     return out, norm, raw
 
 
@@ -57,7 +74,12 @@ def test_norm_and_raw_runs_write_the_contract_files(norm_and_raw_runs):
     assert config["device"] == "cpu" and config["dtype"] == "float32" and config["git_commit"]
     report = (by_lens["norm"][0] / "report.md").read_text()
     assert "PASS: NORM lens at the last layer == model logits" in report
-    assert "PASS: temperature keeps the target's rank" in report
+    assert "PASS: NORM lens: KL(final || layer) == torch's kl_div against the model's own logits" in report
+    assert "PASS: NORM lens: target rank at T = 0.5, 1, 1.5, 2 == its rank in the untempered logits" in report
+    assert "FAIL" not in report
+    raw_report = (by_lens["raw"][0] / "report.md").read_text()
+    assert "PASS: RAW lens: KL(final || layer) == torch's kl_div against its own last layer" in raw_report
+    assert "PASS: NORM lens: KL(final || layer)" in raw_report and "FAIL" not in raw_report  # the other lens's
     assert report.index("## Summary") < report.index("## Key layers")
     for section in ("## Resolution depth", "## Prompt formats", "## Directional bias", "## Answer-position bias",
                     "## Temperature", "## Paraphrases", "![target probability](target_prob_heatmap.png)"):
@@ -72,7 +94,7 @@ def test_all_formats_paraphrases_and_probes_are_recorded(norm_and_raw_runs):
     out, _, _ = norm_and_raw_runs
     runs = [json.loads((f / "results.json").read_text()) for f in run_folders(out)]
     norm = next(r for r in runs if r["lens"] == "norm")
-    facts = json.loads((Path(__file__).parent.parent / "001_layers_and_logits" / "prompts.json").read_text())
+    facts = chosen_facts()
     by_kind = {}
     for p in norm["prompts"]:
         by_kind.setdefault((p["format"], p["variant"] > 0, p["probe"]), []).append(p)
@@ -99,6 +121,11 @@ def test_all_formats_paraphrases_and_probes_are_recorded(norm_and_raw_runs):
             assert resolution["first_top1_layer"] is None
 
 
+# The facts of the first runs, all answered by SmolLM2; the larger set keeps facts a model gets wrong.
+FIRST_FACTS = ("france_capital", "germany_capital", "japan_capital", "england_capital", "gold_symbol",
+               "romeo_author", "first_president", "opposite_hot")
+
+
 def test_norm_lens_resolves_late_and_raw_differs(norm_and_raw_runs):
     """The science of the issue: under NORM the answer is top-1 only in the late layers; RAW looks different."""
     out, _, _ = norm_and_raw_runs
@@ -106,6 +133,8 @@ def test_norm_lens_resolves_late_and_raw_differs(norm_and_raw_runs):
             for f in run_folders(out)}
     for norm_prompt, raw_prompt in zip(_main_prompts(runs["norm"]), _main_prompts(runs["raw"])):
         assert norm_prompt["prompt"] == raw_prompt["prompt"]
+        if norm_prompt["fact_id"] not in FIRST_FACTS:
+            continue
         ranks = [layer["target_rank"] for layer in norm_prompt["layers"]]
         assert ranks[-1] == 0, norm_prompt["prompt"]  # the prompts are ones the model answers
         assert all(rank > 0 for rank in ranks[:15])  # not top-1 anywhere in the first half
@@ -155,7 +184,7 @@ def test_models_compared_by_depth(tmp_path, tiny_folders):
     models = [str(tiny_folders["llama"]), str(tiny_folders["gemma2"])]
     out = tmp_path / "out"
     result = run_script(SCRIPT, f"--OUT_DIR={out}", f"--MODELS={json.dumps(models)}", "--PROMPT_FORMAT=completion",
-                        "--PARAPHRASES=False", "--DIRECTION_PROBES=False", "--TEMPERATURES=[1.0]")
+                        "--FACTS=10", "--PARAPHRASES=False", "--DIRECTION_PROBES=False", "--TEMPERATURES=[1.0]")
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["comparison", "gemma2", "llama"]
     [folder] = [p for p in (out / "comparison").iterdir() if not p.is_symlink()]
@@ -172,7 +201,7 @@ def test_gemma3_base_model(tmp_path):
     """The second embedded model: BOS added, whole-word tokens, chat skipped with a note, and the late-layer
     un-resolving measured before (DESIGN.md: " Paris" top-1 after block 12 with p 0.72, final top-1 " the")."""
     out = tmp_path / "out"
-    result = run_script(SCRIPT, f"--OUT_DIR={out}", "--MODEL=gemma3-270m", "--PROMPT_FORMAT=all",
+    result = run_script(SCRIPT, f"--OUT_DIR={out}", "--MODEL=gemma3-270m", "--PROMPT_FORMAT=all", "--FACTS=10",
                         "--PARAPHRASES=False", "--DIRECTION_PROBES=False", "--TEMPERATURES=[1.0]")
     assert result.returncode == 0, result.stderr
     [folder] = [p for p in (out / "gemma3-270m").iterdir() if not p.is_symlink()]
@@ -184,3 +213,161 @@ def test_gemma3_base_model(tmp_path):
     assert france["target_token"] == " Paris"
     assert france["layers"][13]["target_rank"] == 0 and france["layers"][13]["target_prob"] == pytest.approx(0.72, abs=0.02)
     assert france["layers"][-1]["top_tokens"][0][0] == " the" and france["layers"][-1]["target_rank"] == 2
+
+
+# ----------------------------------------------------------------------------- faults the self-checks must catch
+
+
+def run_in_process(*args: str) -> Path:
+    """001's main() in this process (so a monkeypatched common module is what it runs); its run folder."""
+    spec = importlib.util.spec_from_file_location("run_001_faults", REPO / SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return Path(module.main(parse_toggles(vars(module), list(args))))
+
+
+@pytest.fixture
+def tiny_run(tmp_path, tiny_folders):
+    """A small 001 run on a tiny model (two prompts, three temperatures): returns (report.md, results). The tiny
+    Gemma-2's sharper distributions give KLs up to 0.17 nats (the Llama's stay below 0.015)."""
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([{"prompt": "The capital of France is", "target": "Paris"},
+                                   {"prompt": "Romeo and Juliet was written by William", "target": "Shakespeare"}]))
+
+    def run(*extra: str, model: str = "llama"):
+        folder = run_in_process(f"--OUT_DIR={tmp_path / 'out'}", f"--MODEL={tiny_folders[model]}",
+                                f"--PROMPTS_FILE={prompts}", "--TEMPERATURES=[0.5, 1.0, 2.0]", "--TOP_K=3", *extra)
+        return (folder / "report.md").read_text(), json.loads((folder / "results.json").read_text())
+    return run
+
+
+def check_line(report: str, fragment: str) -> str:
+    """The report's one self-check line that names `fragment`."""
+    [line] = [line for line in report.splitlines() if line.startswith("- ") and fragment in line]
+    return line
+
+
+NORM_CHECK = "NORM lens at the last layer == model logits"
+KL_CHECK = "NORM lens: KL(final || layer) == torch's kl_div against the model's own logits"
+RANK_CHECK = "NORM lens: target rank at T = 0.5, 1, 2 == its rank in the untempered logits"
+
+
+@pytest.mark.parametrize("model", ["llama", "gemma2"])
+def test_the_tiny_run_passes_every_check(tiny_run, model):
+    """The baseline of the fault tests below: without a fault, every check passes."""
+    report, results = tiny_run(model=model)
+    for fragment in (NORM_CHECK, KL_CHECK, RANK_CHECK, "RAW lens: KL(final || layer)"):
+        assert check_line(report, fragment).startswith("- PASS"), fragment
+    assert all(prompt["self_check"]["passed"] for prompt in results["prompts"])
+
+
+def test_a_lens_without_the_final_norm_fails_its_check(tiny_run, monkeypatch):
+    """Fault: the unembedding forgets the final norm (what the NORM lens must not do) -> the lens at the last layer
+    no longer reproduces the model's logits."""
+    unembed = lens.unembed
+    monkeypatch.setattr(lens, "unembed", lambda model, resid, use_norm, grad=False: unembed(model, resid, False, grad))
+    report, results = tiny_run()
+    assert check_line(report, NORM_CHECK).startswith("- **FAIL**")
+    assert not any(prompt["self_check"]["passed"] for prompt in results["prompts"])
+
+
+def _kl_against_the_wrong_row(metrics_of, logits, *args, **kwargs):
+    metrics = metrics_of(logits, *args, **kwargs)
+    wrong_final = torch.cat([logits[:-1], logits[-2:-1]])  # the last-but-one layer taken for the final one
+    metrics["kl_to_final"] = metrics_of(wrong_final, *args, **kwargs)["kl_to_final"]
+    return metrics
+
+
+def _kl_with_the_wrong_sign_clamped(metrics_of, logits, *args, **kwargs):
+    metrics = metrics_of(logits, *args, **kwargs)
+    metrics["kl_to_final"] = (-metrics["kl_to_final"]).clamp_min(0.0)  # a sign error that the clamp hides as 0
+    return metrics
+
+
+@pytest.mark.parametrize("fault", [_kl_against_the_wrong_row, _kl_with_the_wrong_sign_clamped])
+def test_a_wrong_kl_fails_its_check(tiny_run, monkeypatch, fault):
+    """Faults in the reported KL(final || layer) (its last entry still 0, every value still >= 0): the check
+    recomputes it from the model's own logits and fails; the other checks still pass."""
+    metrics_of = lens.lens_metrics
+    monkeypatch.setattr(lens, "lens_metrics", lambda *args, **kwargs: fault(metrics_of, *args, **kwargs))
+    report, results = tiny_run(model="gemma2")
+    assert check_line(report, KL_CHECK).startswith("- **FAIL**")
+    assert check_line(report, NORM_CHECK).startswith("- PASS")
+    for prompt in results["prompts"]:
+        assert prompt["layers"][-1]["kl_to_final"] == 0 and all(layer["kl_to_final"] >= 0 for layer in prompt["layers"])
+
+
+def test_a_temperature_applied_to_part_of_the_vocabulary_fails_its_check(tiny_run, monkeypatch):
+    """Fault: T divides only the odd token ids' logits -> the ranks read at T != 1 leave the untempered ones."""
+    metrics_of = lens.lens_metrics
+
+    def uneven(logits, target_id, top_k=5, temperature=1.0):
+        if temperature != 1.0:
+            logits = logits.clone()
+            logits[:, ::2] *= temperature  # undone by the division for the even ids only
+        return metrics_of(logits, target_id, top_k, temperature)
+    monkeypatch.setattr(lens, "lens_metrics", uneven)
+    report, _ = tiny_run()
+    assert check_line(report, RANK_CHECK).startswith("- **FAIL**")
+    assert check_line(report, KL_CHECK).startswith("- PASS")  # T = 1 is untouched
+
+
+def _trained_lens(model) -> tuned_lens.TrainedLens:
+    """A tuned lens with random translators (no training): acting at every layer but the last."""
+    translators = tuned_lens.TunedLens(model.n_layers, model.d_model)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for translator in translators.translators:
+            translator.weight.copy_(0.1 * torch.randn(translator.weight.shape, generator=generator))
+            translator.bias.copy_(torch.randn(translator.bias.shape, generator=generator))
+    kl = [0.5] * model.n_layers + [0.0]
+    return tuned_lens.TrainedLens(translators.eval(), "nothing (a test)", 1, 1, {"norm": kl, "tuned": kl}, 0.0)
+
+
+@pytest.mark.parametrize("faulty", [False, True])
+def test_a_tuned_lens_that_translates_the_last_layer_fails_its_check(tiny_run, monkeypatch, faulty):
+    """Fault: the tuned lens translates the last layer too, which must stay the model's own output."""
+    monkeypatch.setattr(tuned_lens, "load_or_train", lambda model, settings=None: _trained_lens(model))
+    if faulty:
+        monkeypatch.setattr(tuned_lens.TunedLens, "translate",
+                            lambda self, h, layer: h.float() + self.translators[min(layer, len(self.translators) - 1)](h.float()))
+    report, results = tiny_run("--USE_TUNED_LENS=True")
+    line = check_line(report, "tuned lens at the last layer == model logits")
+    assert line.startswith("- **FAIL**" if faulty else "- PASS"), line
+    assert all(prompt["tuned_self_check"]["passed"] is not faulty for prompt in results["prompts"])
+    assert check_line(report, NORM_CHECK).startswith("- PASS")
+
+
+@pytest.mark.parametrize("model, dtype", [("llama", "float16"), ("gemma2", "bfloat16")])
+def test_every_check_passes_in_half_precision(tmp_path, tiny_folders, model, dtype):
+    """The Mac's dtypes: the checks' half-precision tolerances hold on real runs (results.json keeps only the
+    per-prompt lens check, which test_half_precision reads; the report has them all)."""
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([{"prompt": "The capital of France is", "target": "Paris"}]))
+    folder = run_in_process(f"--OUT_DIR={tmp_path}", f"--MODEL={tiny_folders[model]}", f"--DTYPE={dtype}",
+                            "--DEVICE=cpu", f"--PROMPTS_FILE={prompts}", "--TEMPERATURES=[0.5, 1.0, 2.0]")
+    report = (folder / "report.md").read_text()
+    checks = report[report.index("## Self-checks"):report.index("## Key layers")]
+    assert checks.count("- PASS") == 5 and "FAIL" not in checks, checks
+
+
+def test_statistics_carry_intervals_and_match_the_prompts(norm_and_raw_runs):
+    """results.json "statistics": each a {"value", "ci95", "n"} record whose value agrees with the prompts."""
+    out, _, _ = norm_and_raw_runs
+    norm = next(r for r in (json.loads((f / "results.json").read_text()) for f in run_folders(out))
+                if r["lens"] == "norm")
+    mains = [p for p in norm["prompts"] if p["format"] == "completion" and p["variant"] == 0 and p["probe"] is None]
+    right = [p["layers"][-1]["target_rank"] == 0 for p in mains]
+    stats = norm["statistics"]
+    accuracy = stats["main_prompts"]["accuracy"]
+    assert accuracy["n"] == len(mains) and accuracy["value"] == pytest.approx(sum(right) / len(right))
+    assert accuracy["ci95"][0] <= accuracy["value"] <= accuracy["ci95"][1] and accuracy["ci95"][0] < accuracy["ci95"][1]
+    assert set(stats["by_format"]) == {"completion", "qa", "chat"}
+    assert "accuracy_minus_completion" in stats["by_format"]["qa"]
+    relations = {fact["relation"] for fact in chosen_facts()}
+    assert set(stats["by_relation"]) == relations and len(relations) >= 8
+    assert sum(r["accuracy"]["n"] for r in stats["by_relation"].values()) == len(mains)
+    band = stats["p_target_by_layer"]
+    assert len(band["value"]) == 31 and band["n"] == len(mains)
+    assert all(lo <= v <= hi for v, lo, hi in zip(band["value"], *band["ci95"]))
+    assert "direction_bias_final_p" in stats and stats["direction_bias_final_p"]["n"] >= 1

@@ -1,14 +1,18 @@
 """003: direct logit attribution adds up to the metric, ablations match hand-made ones, end to end runs.
 
-The tiny models get random norm weights (and, in one Llama variant, o_proj biases), so a decomposition that
-forgot a norm weight, used the wrong Gemma convention or dropped a bias would not add up.
+The tiny models get random norm weights (and, in one Llama variant, o_proj and lm_head biases), so a
+decomposition that forgot a norm weight, used the wrong Gemma convention or dropped a bias would not add up.
+Each self-check of a run is shown to FAIL in its report when a fault is injected into what it checks.
 """
+import importlib.util
 import json
+import sys
 
 import pytest
 import torch
 
-from conftest import ARCHITECTURES, assert_fails_cleanly, run_folders, run_script
+from common import interventions
+from conftest import ARCHITECTURES, REPO, assert_fails_cleanly, run_folders, run_script
 
 SCRIPT = "003_circuit_analysis/run.py"
 PROMPT = "The capital of France is"
@@ -16,7 +20,8 @@ TARGET, COUNTER = "Paris", "London"
 
 
 def _randomize(hf_model, with_bias: bool, seed: int = 0):
-    """Random norm weights everywhere (and o_proj biases when asked), so every term of the attribution matters."""
+    """Random norm weights everywhere (and o_proj and lm_head biases when asked), so every term of the
+    attribution matters. Call it before the bridge boots: it swaps in a new lm_head that has a bias."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, module in hf_model.named_modules():
@@ -24,11 +29,17 @@ def _randomize(hf_model, with_bias: bool, seed: int = 0):
                 module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * 0.3 + 0.5)
             if with_bias and name.endswith("o_proj") and module.bias is not None:
                 module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * 0.05)
+        if with_bias:  # no Hugging Face Llama has an unembedding bias; the attribution must still count one
+            old = hf_model.lm_head
+            hf_model.lm_head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+            hf_model.lm_head.weight.copy_(old.weight)
+            hf_model.lm_head.bias.copy_(torch.randn(old.out_features, generator=generator))
 
 
 @pytest.fixture(scope="module")
 def bias_folder(tmp_path_factory, embedded_folder):
-    """A tiny Llama whose attention projections have biases (attention_bias=True)."""
+    """A tiny Llama whose attention projections have biases (attention_bias=True); `_randomize` adds an lm_head
+    bias."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from tiny_models import tiny_configs
     config = tiny_configs()["llama"]
@@ -105,8 +116,10 @@ def test_pieces_sum_to_the_metric(pair, metric):
     for check in A.decomposition_checks(model, decomposition, attribution, expected, pre, logits[0, -1]):
         assert check["passed"], check
     assert A.norm_weight_convention(model.final_norm) == ("1 + w" if name == "gemma2" else "w")
-    if name == "llama_bias":
-        assert attribution.attn_bias.abs().max() > 1e-4  # the bias term is there and counted
+    if name == "llama_bias":  # both bias terms are there and counted
+        assert attribution.attn_bias.abs().max() > 1e-4 and abs(attribution.unembed_bias) > 1e-2
+        without_unembed_bias = attribution.total() - attribution.unembed_bias
+        assert abs(without_unembed_bias - expected) > 1e-2  # so dropping it would break the sum
     # Dropping the final norm's weight (the unfolded-cache pitfall in DESIGN.md) breaks the sum.
     direction, _ = A.metric_direction(model, target, counter_id)
     weightless = A.direct_logit_attribution(decomposition.resid_final, decomposition.rms_final,
@@ -158,6 +171,59 @@ def test_rank_helpers():
     assert top_indices(torch.tensor([0.5, -3.0, 1.0]), 2, by="signed") == [2, 0]
 
 
+def _circuit_report():
+    spec = importlib.util.spec_from_file_location("circuit_report_under_test",
+                                                  REPO / "003_circuit_analysis" / "circuit_report.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_attention_vs_mlps_over_prompts_and_per_relation():
+    from types import SimpleNamespace
+
+    from common.attribution import Attribution
+    report = _circuit_report()
+
+    def prompt(heads, mlps, relation):
+        attribution = Attribution(0.0, torch.tensor([[heads / 2, heads / 2]]), torch.zeros(1),
+                                  torch.tensor([mlps]), 0.0)
+        return SimpleNamespace(attribution=attribution, prompt=SimpleNamespace(extra={"relation": relation}))
+
+    # Five "capital" prompts (enough for a row of their own), two "plural" (too few), one where nothing is written.
+    prompts = ([prompt(3.0, 1.0, "capital")] * 3 + [prompt(1.0, 3.0, "capital")] * 2
+               + [prompt(-1.0, 1.0, "plural"), prompt(0.0, 0.0, "plural")])
+    split = report.attention_vs_mlps(prompts)
+    assert split["attention"]["value"] == pytest.approx(10 / 7) and split["attention"]["n"] == 7
+    assert split["mlps"]["value"] == pytest.approx(10 / 7)
+    assert split["attention_minus_mlps"]["value"] == pytest.approx(0.0)
+    shares = [0.75] * 3 + [0.25] * 2 + [-0.5]  # a / (|a| + |m|); the empty prompt has none
+    assert split["attention_share"]["value"] == pytest.approx(sum(shares) / 6)
+    assert split["attention_share"]["n"] == 6 and split["attention_share"]["n_none"] == 1
+    lo, hi = split["attention_share"]["ci95"]
+    assert -0.5 <= lo < split["attention_share"]["value"] < hi <= 0.75
+    by_relation = report._split_by_relation(prompts, seed=0)
+    assert list(by_relation) == ["capital"] and by_relation["capital"]["attention_share"]["value"] == pytest.approx(
+        0.55)
+
+
+def test_default_prompts_are_its_facts_plus_the_fact_set():
+    from common.config import parse_toggles
+    from common.errors import LabError
+    spec = importlib.util.spec_from_file_location("run_003_prompts", REPO / SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    own = json.loads((REPO / "003_circuit_analysis" / "prompts.json").read_text())
+    prompts = module.read_prompts(parse_toggles(vars(module), ["--FACTS=12"]))
+    ids = [p.fact_id for p in prompts]
+    assert ids[: len(own)] == [f["id"] for f in own] and len(prompts) == len(own) + 12 and len(set(ids)) == len(ids)
+    assert all(p.extra["subject"] in p.text and p.extra["counterfactual"] and p.extra["relation"] for p in prompts)
+    assert len(module.read_prompts(parse_toggles(vars(module), ["--FACTS=0"]))) == len(own)
+    with pytest.raises(LabError, match="FACTS must be"):
+        module.read_prompts(parse_toggles(vars(module), ["--FACTS=-1"]))
+
+
 def test_position0_share_finds_a_dominating_first_position():
     from common.attribution import position0_share
     z = torch.ones(1, 4, 2, 3)  # [batch, seq, n_heads, head_dim]
@@ -179,9 +245,9 @@ def test_ablating_nothing_changes_nothing(pair):
     clean = float(A.metric_from_logits(cache["unembed.hook_out"][0, -1], target, counter))
     # Clean rows alone, and a clean row batched with rows that do ablate something.
     sets = [([], []), ([(0, 0), (1, 2)], [1]), ([], [0]), ([], [])]
-    head_mask, mlp_mask = A.ablation_masks(model.n_layers, model.n_heads, sets)
-    z_values, mlp_values = A.ablation_values(cache, model.n_layers, "zero")
-    metric, prob = A.run_ablations(model, ids, head_mask, mlp_mask, z_values, mlp_values, target, counter)
+    head_mask, mlp_mask = interventions.ablation_masks(model.n_layers, model.n_heads, sets)
+    z_values, mlp_values = interventions.ablation_values(cache, model.n_layers, "zero")
+    metric, prob = interventions.run_ablations(model, ids, head_mask, mlp_mask, z_values, mlp_values, target, counter)
     clean_prob = float(torch.softmax(logits[0, -1], -1)[target])
     for row in (0, 3):
         assert float(metric[row]) == pytest.approx(clean, abs=1e-5)
@@ -198,9 +264,9 @@ def test_ablating_a_head_equals_doing_it_by_hand(pair, kind):
     _, cache = _cached(model, ids)
     attribution = A.attribute(model, A.decompose_last_position(model, cache), target, counter)
     layer, head = divmod(A.top_indices(attribution.heads.flatten(), 1)[0], model.n_heads)
-    head_mask, mlp_mask = A.ablation_masks(model.n_layers, model.n_heads, [([(layer, head)], [])])
-    z_values, mlp_values = A.ablation_values(cache, model.n_layers, kind)
-    metric, _ = A.run_ablations(model, ids, head_mask, mlp_mask, z_values, mlp_values, target, counter)
+    head_mask, mlp_mask = interventions.ablation_masks(model.n_layers, model.n_heads, [([(layer, head)], [])])
+    z_values, mlp_values = interventions.ablation_values(cache, model.n_layers, kind)
+    metric, _ = interventions.run_ablations(model, ids, head_mask, mlp_mask, z_values, mlp_values, target, counter)
 
     o_proj = reference.hf_model.model.layers[layer].self_attn.o_proj
     head_dim = o_proj.in_features // model.n_heads
@@ -223,9 +289,9 @@ def test_zero_ablating_an_mlp_equals_doing_it_by_hand(pair):
     ids, target, counter = _ids_and_tokens(model)
     _, cache = _cached(model, ids)
     layer = model.n_layers // 2
-    head_mask, mlp_mask = A.ablation_masks(model.n_layers, model.n_heads, [([], [layer])])
-    z_values, mlp_values = A.ablation_values(cache, model.n_layers, "zero")
-    metric, _ = A.run_ablations(model, ids, head_mask, mlp_mask, z_values, mlp_values, target, counter)
+    head_mask, mlp_mask = interventions.ablation_masks(model.n_layers, model.n_heads, [([], [layer])])
+    z_values, mlp_values = interventions.ablation_values(cache, model.n_layers, "zero")
+    metric, _ = interventions.run_ablations(model, ids, head_mask, mlp_mask, z_values, mlp_values, target, counter)
     block = reference.hf_model.model.layers[layer]
     # What the block adds to the residual: Gemma-2 normalizes the MLP output first.
     module = block.post_feedforward_layernorm if name == "gemma2" else block.mlp
@@ -241,12 +307,35 @@ def test_direct_effect_of_zero_ablation_is_the_attribution(pair):
     _, cache = _cached(model, ids)
     decomposition = A.decompose_last_position(model, cache)
     attribution = A.attribute(model, decomposition, target, counter)
-    z_values, mlp_values = A.ablation_values(cache, model.n_layers, "zero")
+    z_values, mlp_values = interventions.ablation_values(cache, model.n_layers, "zero")
     heads, mlps = A.direct_effects_of_ablation(model, cache, decomposition, z_values, mlp_values, target, counter)
     assert torch.allclose(heads, attribution.heads, atol=1e-6) and torch.allclose(mlps, attribution.mlps, atol=1e-6)
-    z_mean, mlp_mean = A.ablation_values(cache, model.n_layers, "mean")
+    z_mean, mlp_mean = interventions.ablation_values(cache, model.n_layers, "mean")
     heads_mean, _ = A.direct_effects_of_ablation(model, cache, decomposition, z_mean, mlp_mean, target, counter)
     assert not torch.allclose(heads_mean, attribution.heads, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["zero", "mean"])
+def test_direct_effects_by_the_model_equal_the_attribution_of_what_is_removed(pair, kind):
+    """The self-check's reference (the model's own o_proj, norms and lm_head) against the unfolded attribution,
+    for single heads, single MLPs and a set of several heads in one layer with an MLP."""
+    from common import attribution as A
+    _, model, _ = pair
+    ids, target, counter = _ids_and_tokens(model)
+    _, cache = _cached(model, ids)
+    decomposition = A.decompose_last_position(model, cache)
+    z_values, mlp_values = interventions.ablation_values(cache, model.n_layers, kind)
+    heads, mlps = A.direct_effects_of_ablation(model, cache, decomposition, z_values, mlp_values, target, counter)
+    top_head = divmod(A.top_indices(heads.flatten(), 1)[0], model.n_heads)
+    top_mlp = A.top_indices(mlps, 1)[0]
+    sets = [([], []), ([top_head], []), ([], [top_mlp]), ([(3, 0), (3, 1), (0, 3)], [1]), ([top_head], [top_mlp])]
+    head_mask, mlp_mask = interventions.ablation_masks(model.n_layers, model.n_heads, sets)
+    reference = A.direct_effects_by_the_model(model, cache, z_values, mlp_values, head_mask, mlp_mask, target,
+                                              counter)
+    expected = torch.tensor([sum(float(heads[l, h]) for l, h in hs) + sum(float(mlps[l]) for l in ms)
+                             for hs, ms in sets])
+    assert torch.allclose(reference, expected, rtol=1e-4, atol=1e-6), (reference - expected)
+    assert expected[1:].abs().max() > 1e-3  # the sets really remove something
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -289,6 +378,14 @@ def test_embedded_run_writes_the_contract_files(embedded_run):
     results = json.loads((folder / "results.json").read_text())
     _check_contract(results, 30, 9)
     assert results["metric"] == "logit_diff" and results["final_norm_weight"] == "w"
+    # The split over prompts, recomputed from the per-prompt attributions.
+    split = results["across_prompts"]["attention_vs_mlps"]
+    attention = [sum(map(sum, p["attribution"]["heads"])) for p in results["prompts"]]
+    assert split["attention"]["n"] == 2 and split["attention"]["value"] == pytest.approx(sum(attention) / 2, abs=1e-5)
+    lo, hi = split["attention"]["ci95"]
+    assert lo == pytest.approx(min(attention), abs=1e-5) and hi == pytest.approx(max(attention), abs=1e-5)
+    frequent = results["across_prompts"]["frequent_heads"][0]
+    assert frequent["in_top_k"]["value"] == frequent["n_prompts_in_top_k"] / 2 and frequent["dla"]["n"] == 2
     france, hot = results["prompts"]
     assert france["target_token"] == " Paris" and france["counter_token"] == " London"
     assert france["subject_positions"] == [3]  # "France"; "hot" is lower case, so the rule finds no subject
@@ -322,13 +419,15 @@ def test_tiny_gemma2_run_with_mean_ablation_of_every_component(tiny_folders, tmp
         {"prompt": "The capital of France is", "target": "Paris"},
         {"prompt": "Romeo and Juliet was written by William", "target": "Shakespeare"}]))
     result = run_script(SCRIPT, f"--MODEL={tiny_folders['gemma2']}", f"--OUT_DIR={tmp_path / 'out'}",
-                        f"--PROMPTS_FILE={prompts}", "--ABLATION=mean", "--TOP_K=2")
+                        f"--PROMPTS_FILE={prompts}", "--ABLATION=mean", "--TOP_K=2", "--ABLATE_EVERY_PROMPTS=1")
     assert result.returncode == 0, result.stderr
     [folder] = run_folders(tmp_path / "out")
     results = json.loads((folder / "results.json").read_text())
     _check_contract(results, 4, 4)
     assert results["softcap"] == 30.0 and results["post_attention_norm"] and results["final_norm_weight"] == "1 + w"
-    assert len([a for a in results["prompts"][0]["ablations"] if a["kind"] == "head"]) == 16
+    # Every head alone on the first prompt only (ABLATE_EVERY_PROMPTS=1); the top-k on the second.
+    assert [p["ablated_every"] for p in results["prompts"]] == [True, False] and results["ablated_every"] == 1
+    assert [len([a for a in p["ablations"] if a["kind"] == "head"]) for p in results["prompts"]] == [16, 2]
     report = (folder / "report.md").read_text()
     assert "before** the soft-cap" in report and "PASS: soft-cap 30" in report
     assert "ean ablation" in report  # the measured note on position 0's share of the mean
@@ -357,11 +456,154 @@ def test_bad_input_fails_with_one_line_and_no_results(tmp_path, tiny_folders, ma
     assert_fails_cleanly(result, out, fragment)
 
 
-def test_offloaded_layers_stop_with_one_line(tiny_folders, tmp_path):
-    """DLA reads every layer's o_proj weight; offloaded layers keep theirs on the meta device (not yet handled)."""
-    prompts = tmp_path / "prompts.json"
-    prompts.write_text(json.dumps([{"prompt": "The capital of France is", "target": "Paris"}]))
-    out = tmp_path / "out"
-    result = run_script(SCRIPT, f"--OUT_DIR={out}", f"--MODEL={tiny_folders['llama']}", f"--PROMPTS_FILE={prompts}",
-                        "--MAX_MEMORY_GB=0.001")
-    assert_fails_cleanly(result, out, "003 cannot yet attribute through offloaded layers")
+# ----------------------------------------------------------------------------- self-checks that can fail
+
+
+def _run_in_process(monkeypatch, tmp_path, model, *toggles: str, inject=None) -> tuple[dict, str]:
+    """Run 003's main() here on an already loaded `model` (None: main loads --MODEL itself), after
+    `inject(monkeypatch, run_module)` (a fault) when given; returns (results.json, report.md). Grad mode, which
+    main() switches off, is restored afterwards."""
+    from common.config import parse_toggles
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    spec = importlib.util.spec_from_file_location("run_003_under_test", REPO / SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if model is not None:
+        monkeypatch.setattr(module, "load_model", lambda *args, **kwargs: model)
+    if inject is not None:
+        inject(monkeypatch, module)
+    prompts = _write(tmp_path / "prompts.json", json.dumps([{"prompt": PROMPT, "target": TARGET,
+                                                             "counterfactual": COUNTER}]))
+    toggles = [f"--OUT_DIR={tmp_path / 'out'}", f"--PROMPTS_FILE={prompts}", "--TOP_K=2", "--ABLATE_EVERY=False",
+               *toggles]
+    with torch.set_grad_enabled(True):
+        folder = module.main(parse_toggles(vars(module), toggles))
+    return json.loads((folder / "results.json").read_text()), (folder / "report.md").read_text()
+
+
+def _scaled(function, factor: float, which: int | None = None):
+    """`function` with its result (or its result's element `which`) multiplied by `factor`."""
+    def faulty(*args, **kwargs):
+        result = function(*args, **kwargs)
+        if which is None:
+            return result * factor
+        return tuple(part * factor if i == which else part for i, part in enumerate(result))
+    return faulty
+
+
+def _leave_out_the_embeddings(monkeypatch, run):
+    from common import attribution as A
+    decompose = A.decompose_last_position
+
+    def faulty(model, cache):
+        decomposition = decompose(model, cache)
+        decomposition.embed = torch.zeros_like(decomposition.embed)
+        return decomposition
+    monkeypatch.setattr(A, "decompose_last_position", faulty)
+
+
+def _ablate_every_mlp_in_the_clean_row(monkeypatch, run):
+    masks = run.ablation_masks
+
+    def faulty(*args):
+        head_mask, mlp_mask = masks(*args)
+        mlp_mask[0] = True
+        return head_mask, mlp_mask
+    monkeypatch.setattr(run, "ablation_masks", faulty)
+
+
+def _patch_attribution(name: str, make_fault):
+    """An injector that replaces common.attribution's `name` by make_fault(the original)."""
+    def inject(monkeypatch, run):
+        from common import attribution as A
+        monkeypatch.setattr(A, name, make_fault(getattr(A, name)))
+    return inject
+
+
+# fault -> (injector, a part of the name of the check that must FAIL)
+FAULTS = {
+    "embeddings left out of the pieces": (_leave_out_the_embeddings, "residual entering the final norm"),
+    "each head's W_O slice misread": (_patch_attribution("head_outputs", lambda f: _scaled(f, 1.5)),
+                                      "hook_attn_out"),
+    "final norm weight dropped (the unfolded-cache pitfall)": (
+        _patch_attribution("effective_norm_weight", lambda f: lambda norm: torch.ones_like(f(norm))),
+        "DLA pieces add up to the model's metric"),
+    "unembedding bias dropped": (_patch_attribution("metric_direction", lambda f: _scaled(f, 0.0, which=1)),
+                                 "DLA pieces add up to the model's metric"),
+    "clean row of the ablation batch ablates": (_ablate_every_mlp_in_the_clean_row, "ablating nothing"),
+    "direct effects of ablation misweighted": (
+        _patch_attribution("direct_effects_of_ablation", lambda f: _scaled(f, 1.5, which=0)),
+        "direct effect of each ablation"),
+}
+
+
+@pytest.fixture(scope="module")
+def biased(bias_folder):
+    """The tiny Llama with o_proj and lm_head biases and random norm weights, loaded once."""
+    from common.models import load_model
+    model = load_model(str(bias_folder), "cpu", "float32")
+    _randomize(model.hf_model, with_bias=True)
+    return model
+
+
+def test_every_self_check_passes_without_a_fault(monkeypatch, tmp_path, biased):
+    results, report = _run_in_process(monkeypatch, tmp_path, biased, "--METRIC=logit_diff")
+    [record] = results["prompts"]
+    assert len(record["self_checks"]) == 5 and all(c["passed"] for c in record["self_checks"])
+    assert "FAIL" not in report and record["attribution"]["unembed_bias"] != 0
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_each_self_check_fails_when_its_fault_is_injected(monkeypatch, tmp_path, biased, fault):
+    """A check that compared a computation with itself (e.g. the metric replaced by the DLA total) would pass
+    despite the fault, and this test would fail."""
+    inject, check_name = FAULTS[fault]
+    results, report = _run_in_process(monkeypatch, tmp_path, biased, "--METRIC=logit_diff", inject=inject)
+    failed = [c["name"] for c in results["prompts"][0]["self_checks"] if not c["passed"]]
+    assert any(check_name in name for name in failed), (fault, failed)
+    assert any(line.startswith("- **FAIL**") and check_name in line for line in report.splitlines()), fault
+
+
+def test_metric_is_read_from_the_model_not_from_the_attribution(monkeypatch, tmp_path, biased, bias_folder):
+    """The run's metric equals plain Hugging Face's logits (an independent forward), and the pieces add up to it."""
+    from common import attribution as A
+    from common.models import load_model
+    results, _ = _run_in_process(monkeypatch, tmp_path, biased, "--METRIC=logit_diff")
+    reference = load_model(str(bias_folder), "cpu", "float32")
+    _randomize(reference.hf_model, with_bias=True)
+    ids, target, counter = _ids_and_tokens(reference)
+    expected = float(A.metric_from_logits(_hf_pre_softcap_logits(reference, ids), target, counter))
+    [record] = results["prompts"]
+    assert record["metric"] == pytest.approx(expected, abs=1e-5)
+    assert record["attribution"]["total"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_soft_cap_check_fails_when_the_lab_reads_the_wrong_cap(monkeypatch, tmp_path, tiny_folders):
+    from common.models import LoadedModel, load_model
+    gemma2 = load_model(str(tiny_folders["gemma2"]), "cpu", "float32")
+    monkeypatch.setattr(LoadedModel, "softcap", property(lambda self: 20.0))  # the model caps at 30
+    results, report = _run_in_process(monkeypatch, tmp_path, gemma2)
+    [softcap] = [c for c in results["prompts"][0]["self_checks"] if c["name"].startswith("soft-cap")]
+    assert not softcap["passed"] and "**FAIL**: soft-cap 20" in report
+
+
+# ----------------------------------------------------------------------------- offloaded layers (issue 10)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_offloaded_layers_give_the_same_numbers(arch, tiny_folders, tmp_path, monkeypatch):
+    """Half the layers on the disk (their o_proj and norm weights stay on "meta" between forwards): the same
+    results.json as in memory, within 1e-5, every self-check passing."""
+    from test_scale import _numbers
+    from transformers import AutoConfig
+    from common.models import module_sizes
+    folder = str(tiny_folders[arch])
+    sizes = module_sizes(AutoConfig.from_pretrained(folder), torch.float32)
+    half_the_layers = sizes[""] - sizes["model.layers.2"] - sizes["model.layers.3"] + 1  # bytes: 2 of 4 stay
+    runs = [_run_in_process(monkeypatch, tmp_path / str(len(extra)), None, f"--MODEL={folder}", "--DEVICE=cpu",
+                            "--DTYPE=float32", "--ABLATION=mean", *extra)
+            for extra in ([], [f"--MAX_MEMORY_GB={half_the_layers / 1e9}"])]
+    (in_memory, _), (offloaded, report) = runs
+    assert "Offloaded: 2 of 4 layers" in report and "disk" in report
+    assert all(c["passed"] for c in offloaded["prompts"][0]["self_checks"])
+    assert _numbers(in_memory) == pytest.approx(_numbers(offloaded), abs=1e-5)

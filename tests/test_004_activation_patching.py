@@ -495,3 +495,75 @@ def test_an_injected_fault_shows_as_a_failed_self_check(tiny_folders, tmp_path, 
         assert not record["passed"] and f"**FAIL**: {record['name']}" in report, record
     if fault is None:
         assert all(c["passed"] for c in checks) and "FAIL" not in report and len(checks) == 8
+
+
+# ----------------------------------------------------------------------------- pairs from the fact set, statistics across pairs
+
+
+def test_handoff_and_head_frequency():
+    from common.patching import handoff, head_frequency
+    assert handoff([1.0, 0.9, 0.2, 0.6, 0.0], [0.0, 0.1, 0.7, 0.4, 0.9]) == (3, 4)
+    assert handoff([0.1, 0.2], [0.6, 0.7]) == (None, 0)
+    frequency = head_frequency([["L1H0", "L2H1"], None, ["L1H0"], ["L3H0"]], seed=0)
+    assert [h["head"] for h in frequency][0] == "L1H0"
+    assert frequency[0]["share"]["value"] == pytest.approx(2 / 3) and frequency[0]["share"]["n"] == 3
+
+
+def _few_facts(tmp_path) -> str:
+    """Four capital facts of 001's set: enough for a few pairs on the tiny models (SmolLM2's tokenizer)."""
+    from pathlib import Path
+    facts = json.loads((Path(__file__).resolve().parent.parent / "001_layers_and_logits" / "prompts.json").read_text())
+    path = tmp_path / "facts.json"
+    path.write_text(json.dumps([f for f in facts if f["relation"] == "capital"][:4]))
+    return str(path)
+
+
+def test_default_pairs_come_from_001s_fact_set(embedded):
+    """With the default toggles the run studies N_PAIRS = 20 pairs that can all be patched."""
+    from pathlib import Path
+    from common.facts import counterfactual_pairs, load_fact_set
+    facts = load_fact_set(Path(__file__).resolve().parent.parent / "001_layers_and_logits" / "prompts.json")
+    pairs = counterfactual_pairs(embedded.tokenizer, facts, 20, seed=0)
+    assert len(pairs) == 20 and len({p["relation"] for p in pairs}) >= 8
+    for i, pair in enumerate(pairs):
+        encode_pair(embedded, pair, f"Pair {i}")
+
+
+def test_facts_run_reports_statistics_across_pairs(tiny_folders, tmp_path):
+    """Pairs built from a fact file; every statistic over pairs is {"value", "ci95", "n"} and agrees with a
+    recomputation from the per-pair records; only the first DETAIL_PAIRS pairs are traced."""
+    import numpy as np
+    folder = run_in_process(SCRIPT, f"--MODEL={tiny_folders['llama']}", f"--OUT_DIR={tmp_path}", "--N_PAIRS=3",
+                            f"--FACTS_FILE={_few_facts(tmp_path)}", "--SITES=['resid', 'head']", "--DETAIL_PAIRS=1",
+                            "--NOISE_SAMPLES=1", "--EXACT=all")
+    results = json.loads((folder / "results.json").read_text())
+    pairs, across = results["pairs"], results["across_pairs"]
+    assert len(pairs) == 3 and all(p["id"].endswith("_capital") and "_vs_" in p["id"] for p in pairs)
+    assert ["causal_trace" in p for p in pairs] == [True, False, False]
+    n = results["n_layers"]
+    switchable = [p for p in pairs if p["clean_answer_top1_in_clean_run"] and not p["clean_answer_top1_in_corrupt_run"]]
+    depths = [p["link_to_001"]["switch_layer"] / n for p in switchable if p["link_to_001"]["switch_layer"] is not None]
+    assert across["switchable"]["n"] == 3 and across["switch_share"]["n"] == len(switchable)
+    assert across["switch_depth"]["n"] == len(depths)
+    assert across["switch_depth"]["value"] == (pytest.approx(float(np.median(depths))) if depths else None)
+    last = [[row[-1] for row in p["exact"]["resid"]] for p in pairs]
+    assert across["restoration"]["last"]["value"] == pytest.approx(np.mean(last, axis=0).tolist())
+    for p in pairs:  # every pair's top heads by |exact| at the final position, as the frequency counts them
+        values = np.abs(np.asarray(p["exact"]["head_final"], float)).flatten()
+        p["top"] = {f"L{i // results['n_heads']}H{i % results['n_heads']}" for i in np.argsort(-values, kind="stable")[:5]}
+    for head in across["heads"]:
+        assert head["share"]["value"] == pytest.approx(sum(head["head"] in p["top"] for p in pairs) / 3)
+    for record in [across[k] for k in ("switchable", "switch_share", "resolution_depth", "lens_lag")]:
+        assert set(record) >= {"value", "ci95", "n"} and len(record["ci95"]) == 2
+    report = (folder / "report.md").read_text()
+    assert "## Across pairs" in report and "![switch depth across pairs](switch_depth_across_pairs.png)" in report
+    assert "## Pair 0" in report and "## Pair 1" not in report and not (folder / "pair1_resid_exact.png").exists()
+    assert "capital" in report and (folder / "restoration_by_layer.png").exists()
+
+
+@pytest.mark.parametrize("args, fragment", [(["--N_PAIRS=0"], "N_PAIRS must be at least 1"),
+                                            (["--DETAIL_PAIRS=-1"], "DETAIL_PAIRS must be 0 or more"),
+                                            (["--FACTS_FILE=/nonexistent/facts.json"], "nonexistent")])
+def test_bad_pair_toggles_fail_with_one_line(tmp_path, args, fragment):
+    out = tmp_path / "out"
+    assert_fails_cleanly(run_script(SCRIPT, f"--OUT_DIR={out}", *args), out, fragment)

@@ -16,7 +16,8 @@ PAIRS = [{"clean": "The capital of France is", "corrupt": "The capital of Italy 
           "clean_answer": "Paris", "corrupt_answer": "Rome"}]
 # (experiment, small toggles) — each also gets MODEL, DTYPE, DEVICE=cpu and OUT_DIR.
 EXPERIMENTS = [
-    ("001_layers_and_logits/run.py", ["--TEMPERATURES=[1.0]", "--DIRECTION_PROBES=False", "--PARAPHRASES=False"]),
+    ("001_layers_and_logits/run.py", ["--TEMPERATURES=[1.0]", "--DIRECTION_PROBES=False", "--PARAPHRASES=False",
+                                      "--FACTS=8"]),
     ("002_attention_patterns/run.py", ["--TOP_HEADS=2"]),
     ("003_circuit_analysis/run.py", ["--TOP_K=2", "--ABLATE_EVERY=False"]),
     ("004_activation_patching/run.py", ["--NOISE_SAMPLES=2"]),

@@ -71,7 +71,7 @@ def test_lens_metrics_against_numpy():
     assert np.allclose(m["target_prob"].numpy(), p[:, 7], atol=1e-6)
     assert np.allclose(m["entropy"].numpy(), entropy, atol=1e-5)
     assert np.allclose(m["kl_to_final"].numpy(), kl, atol=1e-5)
-    assert m["kl_to_final"][-1] == 0
+    assert np.allclose(lens.kl_divergence(logits[-1], logits).numpy(), kl, atol=1e-5)  # the KL check's own way
     assert (m["target_rank"].numpy() == rank).all()
     top = np.sort(p, axis=1)[:, ::-1][:, :3]
     assert np.allclose(m["probs_top"].numpy(), top, atol=1e-6)
@@ -109,3 +109,43 @@ def test_resolution_depth_when_never_resolved():
     assert result["entropy_drop_layer"] == 1
     only_last = lens.resolution_depth([3, 2, 0], [0.1, 0.2, 0.6], [2.0, 1.0, 0.5])
     assert only_last["first_top1_layer"] == 2 and only_last["first_top1_depth"] == 1.0
+
+
+def _random_lens_logits():
+    return torch.randn(5, 40, generator=torch.Generator().manual_seed(2)) * 3  # [layers, vocab]
+
+
+def test_kl_check_passes_on_the_lens_metrics_and_fails_on_a_wrong_kl():
+    logits = _random_lens_logits()
+    reported = lens.lens_metrics(logits, target_id=4)["kl_to_final"]
+    assert lens.check_kl_to_final("lens", logits, logits[-1], reported, torch.float32)["passed"]
+    assert lens.check_kl_to_final("lens", logits, None, reported, torch.float32)["passed"]  # its own last layer
+    wrong_reference = lens.lens_metrics(torch.cat([logits[:-1], logits[:1]]), target_id=4)["kl_to_final"]
+    failed = lens.check_kl_to_final("lens", logits, logits[-1], wrong_reference, torch.float32)
+    assert not failed["passed"] and failed["max_abs_diff"] > 0.1
+    other_final = logits[-1] + torch.linspace(0, 1, 40)  # a model output the lens's last layer does not match
+    assert not lens.check_kl_to_final("lens", logits, other_final, reported, torch.float32)["passed"]
+
+
+def test_rank_check_counts_the_ranks_another_way():
+    logits = _random_lens_logits()
+    ranks = {t: lens.lens_metrics(logits, 7, temperature=t)["target_rank"] for t in (0.5, 1.0, 3.0)}
+    check = lens.check_ranks_under_temperature("lens", logits, 7, ranks)
+    assert check["passed"] and "T = 0.5, 1, 3" in check["name"]
+    ranks[3.0] = ranks[3.0] + torch.tensor([0, 0, 2, 0, 0])
+    failed = lens.check_ranks_under_temperature("lens", logits, 7, ranks)
+    assert not failed["passed"] and failed["max_abs_diff"] == 2
+
+
+def test_trajectory_records_and_resolution(tiny):
+    ids = encode(tiny, "The capital of France is")
+    by_temperature = lens.sweep(tiny, ids, target_id=5, top_k=2, temperatures=(2.0, 0.5))
+    assert list(by_temperature) == [0.5, 1.0, 2.0]  # 1.0 always, in increasing order
+    trajectory = by_temperature[1.0]
+    assert trajectory.n_layers == tiny.n_layers and len(trajectory.checks) == 3 and trajectory.check["passed"]
+    records = trajectory.layer_records()
+    assert [r["layer"] for r in records] == list(range(tiny.n_layers + 1)) and records[-1]["depth"] == 1.0
+    assert all(len(r["top_tokens"]) == 2 and isinstance(r["top_tokens"][0], list) for r in records)
+    expected = lens.resolution_depth(trajectory.target_rank, trajectory.target_prob, trajectory.entropy)
+    assert trajectory.resolution().as_record() == expected
+    assert trajectory.final_rank == records[-1]["target_rank"] and trajectory.top_k_mass[0] <= 1 + 1e-6

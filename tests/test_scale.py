@@ -150,7 +150,7 @@ def test_offloaded_model_matches_in_memory(tiny_folders, cache):
 def test_001_and_004_offloaded_give_the_same_numbers(tiny_folders, tmp_path):
     folder = str(tiny_folders["llama"])
     cap = f"--MAX_MEMORY_GB={_half_the_layers_gb(folder)}"
-    for script, args in [("001_layers_and_logits/run.py", ["--PROMPT_FORMAT=completion", "--PARAPHRASES=False",
+    for script, args in [("001_layers_and_logits/run.py", ["--PROMPT_FORMAT=completion", "--PARAPHRASES=False", "--FACTS=8",
                                                            "--DIRECTION_PROBES=False"]),
                          ("004_activation_patching/run.py", ["--SITES=resid", "--METHOD=exact",
                                                               "--NOISE_TRACING=False"])]:
@@ -180,7 +180,7 @@ def _numbers(value) -> list:
 
 def test_embedded_001_offloaded_at_0_2_gb(tmp_path, embedded_folder):
     done = run_script("001_layers_and_logits/run.py", "--MODEL=smollm2-135m", "--MAX_MEMORY_GB=0.2",
-                      "--PROMPT_FORMAT=completion", "--PARAPHRASES=False", "--DIRECTION_PROBES=False",
+                      "--PROMPT_FORMAT=completion", "--PARAPHRASES=False", "--DIRECTION_PROBES=False", "--FACTS=8",
                       "--DEVICE=cpu", f"--OUT_DIR={tmp_path}", timeout=400)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Offloaded:" in done.stderr and "disk" in done.stderr

@@ -1,0 +1,87 @@
+"""001's statistics over prompts, each with a seeded bootstrap 95% interval (common/stats.py).
+
+Every statistic is written as {"value": v, "ci95": [lo, hi], "n": n, "n_none": k}: n prompts (or facts, or
+pairs of prompts) went into it; n_none were left out because the quantity does not exist for them (a fact
+whose answer never becomes top-1 has no resolution depth; that share is reported beside it).
+Facts the model gets wrong stay in: they count as wrong in the accuracies and as "never" in the depths.
+"""
+from __future__ import annotations
+
+from common import stats
+from common.prompts import PROMPT_FORMATS
+
+PAIRED_PROBES = {"direction": ("forward", "reverse"), "answer_position": ("target_first", "target_second")}
+
+
+def resolution(readings, seed: int) -> dict:
+    """Accuracy (the target is the final layer's top-1) and the median depth from which it stays top-1 (over the
+    prompts where it does), for a list of PromptReadings. A target stays top-1 to the end exactly when it is the
+    final top-1, so the share that resolves equals the accuracy; it is kept for readers of results.json."""
+    depths = [r.lens.resolution().first_top1_depth for r in readings]
+    return {"accuracy": stats.proportion([r.lens.final_rank == 0 for r in readings], seed=seed),
+            "first_top1_depth_median": stats.interval(depths, "median", seed=seed),
+            "share_resolving": stats.share(depths, seed=seed)}
+
+
+def by_format(study, seed: int) -> dict:
+    """resolution() per prompt format (first wording of each fact), and each format's accuracy minus the
+    completion format's, fact by fact (paired)."""
+    chosen = {f: study.chosen(f) for f in PROMPT_FORMATS if study.chosen(f)}
+    out = {f: resolution(readings, seed) for f, readings in chosen.items()}
+    baseline = {r.prompt.fact_id: r.lens.final_rank == 0 for r in chosen.get("completion", [])}
+    for f, readings in chosen.items():
+        if f != "completion" and baseline:
+            right = {r.prompt.fact_id: r.lens.final_rank == 0 for r in readings}
+            facts = [fact for fact in right if fact in baseline]
+            out[f]["accuracy_minus_completion"] = stats.paired_difference(
+                [float(right[fact]) for fact in facts], [float(baseline[fact]) for fact in facts], seed=seed)
+    return out
+
+
+def by_relation(study, seed: int) -> dict:
+    """resolution() per relation type of the facts (main prompts), sorted by relation name."""
+    groups: dict[str, list] = {}
+    for r in study.main_readings:
+        groups.setdefault(r.prompt.extra.get("relation", "unlabelled"), []).append(r)
+    return {relation: resolution(readings, seed) for relation, readings in sorted(groups.items())}
+
+
+def probe_bias(study, kind: str, seed: int) -> dict | None:
+    """Final p(target) of the first side minus the second side, probe by probe (paired), e.g. forward minus
+    reverse; None when the run has no such probes."""
+    first, second = ({r.prompt.fact_id: r.lens.final_prob for r in study.chosen("completion", kind, side)}
+                     for side in PAIRED_PROBES[kind])
+    ids = [i for i in first if i in second]
+    if not ids:
+        return None
+    return stats.paired_difference([first[i] for i in ids], [second[i] for i in ids], seed=seed)
+
+
+def p_target_band(readings, seed: int) -> dict:
+    """Mean p(target) per layer over `readings` with its pointwise 95% band: {"value": [layers],
+    "ci95": [[lo per layer], [hi per layer]], "n"}."""
+    value, lo, hi = stats.band([r.lens.target_prob for r in readings], seed=seed)
+    nan_to_none = [None if x != x else float(x) for x in lo], [None if x != x else float(x) for x in hi]
+    return {"value": [float(v) for v in value], "ci95": list(nan_to_none), "n": len(readings)}
+
+
+def statistics(study, seed: int) -> dict:
+    """Every statistic over prompts of one model's run (results.json "statistics")."""
+    mains = study.main_readings
+    out = {"main_prompts": resolution(mains, seed), "by_format": by_format(study, seed),
+           "by_relation": by_relation(study, seed), "p_target_by_layer": p_target_band(mains, seed)}
+    for kind in PAIRED_PROBES:
+        bias = probe_bias(study, kind, seed)
+        if bias is not None:
+            out[f"{kind}_bias_final_p"] = bias
+    return out
+
+
+def text(record: dict, percent: bool = False) -> str:
+    """One statistic as report text: "0.62 [0.53, 0.71], n = 113" (percent: "62% [53%, 71%]")."""
+    if record["value"] is None:
+        return f"none (n = 0{', ' + str(record['n_none']) + ' without a value' if record.get('n_none') else ''})"
+    show = (lambda x: f"{100 * x:.0f}%") if percent else (lambda x: f"{x:.3f}")
+    lo, hi = record["ci95"]
+    spread = f" [{show(lo)}, {show(hi)}]" if lo is not None else " [no interval: one value]"
+    return f"{show(record['value'])}{spread}, n = {record['n']}"
