@@ -17,7 +17,7 @@ from common.lens import LensTrajectory, Resolution, key_layers
 from common.prompts import PROMPT_FORMATS, Prompt, Target
 from common.report import check_lines, curves, heatmap, markdown_table, md_escape, visible_token
 from common.tuned_lens import TrainedLens
-from lens_statistics import statistics, text as stat_text
+from lens_statistics import comparison as comparison_statistics, statistics, text as stat_text
 
 EXPERIMENT = "001_layers_and_logits"
 PROBES = (("direction", ("forward", "reverse")), ("answer_position", ("target_first", "target_second")))
@@ -48,11 +48,6 @@ class PromptReading:
     @property
     def probe_side(self) -> str | None:
         return self.prompt.extra.get("side")
-
-    @property
-    def is_main(self) -> bool:
-        """A fact in completion format, first wording (or any prompt of a PROMPTS_FILE)."""
-        return self.probe is None and self.prompt.format in ("completion", "verbatim") and self.prompt.variant == 0
 
     def to_json(self, other_lens_name: str) -> dict:
         """This prompt's results.json entry: the contract's fields, then 001's own."""
@@ -87,6 +82,7 @@ class ModelStudy:
     checks: list[dict] = field(default_factory=list)
     run_folder: Path | None = None
     seed: int = 0  # seeds the bootstrap intervals
+    main_format: str = "completion"  # the format of the main prompts: completion, unless the run asked only qa or chat
 
     @cached_property
     def statistics(self) -> dict:
@@ -95,8 +91,12 @@ class ModelStudy:
 
     @property
     def main_readings(self) -> list[PromptReading]:
-        """The main prompts: each fact in completion format, first wording (every prompt of a PROMPTS_FILE)."""
-        return [r for r in self.readings if r.is_main]
+        """The main prompts: each fact in the main format, first wording (every prompt of a PROMPTS_FILE)."""
+        return [r for r in self.readings if self.is_main(r)]
+
+    def is_main(self, reading: PromptReading) -> bool:
+        return (reading.probe is None and reading.prompt.variant == 0
+                and reading.prompt.format in (self.main_format, "verbatim"))
 
     def chosen(self, prompt_format: str, probe: str | None = None, side: str | None = None) -> list[PromptReading]:
         """The first wordings in one format (with `probe`: that probe's prompts, of one side when given)."""
@@ -236,8 +236,8 @@ def section_summary(study: ModelStudy) -> list[str]:
     mains = study.main_readings
     depths = [r.lens.resolution().first_top1_depth for r in mains if r.lens.final_rank == 0]
     lines = ["## Summary", "",
-             f"- Main prompts (first wording, completion format): {len(depths)} of {len(mains)} have the target as "
-             "the final layer's top-1 token."]
+             f"- Main prompts (first wording, {study.main_format} format): {len(depths)} of {len(mains)} have the "
+             "target as the final layer's top-1 token."]
     if depths:
         lines.append(f"- The answer becomes top-1 for good at a median depth of {100 * median(depths):.0f}% "
                      f"(range {100 * min(depths):.0f}%-{100 * max(depths):.0f}% of {study.n_layers} layers).")
@@ -425,8 +425,10 @@ def section_every_layer(study: ModelStudy) -> list[str]:
 
 
 def comparison_record(studies: list[ModelStudy]) -> dict:
-    """The comparison's results.json: per model, its main prompts' resolution and curves by depth."""
+    """The comparison's results.json: the statistics by depth % with intervals (lens_statistics.comparison),
+    then per model its main prompts' resolution and curves by depth."""
     return {"experiment": EXPERIMENT, "comparison": True, "lens": studies[0].lens_name,
+            "statistics": comparison_statistics(studies, studies[0].seed),
             "models": [{"model": s.model, "n_layers": s.n_layers, "run_folder": str(s.run_folder),
                         "prompts": [{"fact_id": r.prompt.fact_id, "prompt": r.prompt.text, "target": r.prompt.target,
                                      "resolution": r.lens.resolution().as_record(),
@@ -435,28 +437,25 @@ def comparison_record(studies: list[ModelStudy]) -> dict:
                                     for r in s.main_readings]} for s in studies]}
 
 
-def comparison_figure(studies: list[ModelStudy]):
-    """Mean p(target) and mean entropy of the main prompts against depth %, one curve per model."""
+def comparison_figure(statistics: dict, lens_name: str):
+    """Mean p(target) and mean entropy of the main prompts against depth %, one curve per model, each with its
+    95% band over prompts (`statistics`: lens_statistics.comparison's record)."""
     panels = [{"ylabel": "mean p(target)", "series": [], "ylim": (0, 1)}, {"ylabel": "mean entropy (nats)", "series": []}]
-    for s in studies:
-        mains, n = s.main_readings, s.n_layers
-        depth = [layer / n for layer in range(n + 1)]
-        for panel, key in zip(panels, ("target_prob", "entropy")):
-            panel["series"].append((s.model, depth, [sum(getattr(r.lens, key)[layer] for r in mains) / len(mains)
-                                                     for layer in range(n + 1)]))
-    return curves(panels, f"Models by depth % ({studies[0].lens_name.upper()} lens, main prompts)",
+    for record in statistics["models"]:
+        for panel, key in zip(panels, ("p_target_by_depth", "entropy_by_depth")):
+            panel["series"].append((record["model"], record["depth"], record[key]["value"], tuple(record[key]["ci95"])))
+    return curves(panels, f"Models by depth % ({lens_name.upper()} lens, main prompts, 95% bands)",
                   "depth (layer / n_layers)")
 
 
-def comparison_markdown(studies: list[ModelStudy], out_dir: Path, figure: str) -> str:
+def comparison_markdown(studies: list[ModelStudy], statistics: dict, out_dir: Path, figure: str) -> str:
     """The comparison's report.md: per model how many facts resolve and where; per fact, each model's layer."""
-    summary = []
-    for s in studies:
-        resolved = [r.lens.resolution().first_top1_depth for r in s.main_readings
-                    if r.lens.resolution().first_top1_depth is not None]
-        summary.append([s.model, s.n_layers, f"{len(resolved)} of {len(s.main_readings)}",
-                        f"{100 * median(resolved):.0f}%" if resolved else "never",
-                        md_escape(str(s.run_folder.relative_to(out_dir)))])
+    summary = [[s.model, s.n_layers, stat_text(record["accuracy"], percent=True),
+                stat_text(record["first_top1_depth_median"], percent=True),
+                md_escape(str(s.run_folder.relative_to(out_dir)))] for s, record in zip(studies, statistics["models"])]
+    differences = [[pair, stat_text(record["accuracy"], percent=True),
+                    stat_text(record["first_top1_depth"], percent=True)]
+                   for pair, record in statistics["paired_differences"].items()]
     by_model = [{r.prompt.fact_id: r for r in s.main_readings} for s in studies]
     rows = [[fact] + ["n/a" if fact not in facts else
                       f"{resolution_cells(facts[fact].lens.resolution())[0]}, final p {facts[fact].lens.final_prob:.6f}"
@@ -464,8 +463,12 @@ def comparison_markdown(studies: list[ModelStudy], out_dir: Path, figure: str) -
             for fact in dict.fromkeys(fact for facts in by_model for fact in facts)]
     return "\n".join([
         f"# 001 models compared by depth % ({studies[0].lens_name.upper()} lens)", "",
-        markdown_table(["model", "layers", "main prompts resolved", "median top-1-for-good depth",
+        "Each number with its 95% bootstrap interval over the main prompts (seeded).", "",
+        markdown_table(["model", "layers", "right at the final layer", "median top-1-for-good depth (where right)",
                         "run folder (in OUT_DIR)"], summary), "",
+        "Fact by fact, over the facts both models were asked (the median of the per-fact differences in depth, "
+        "over the facts both get right):", "",
+        markdown_table(["models", "right at the final layer", "top-1-for-good depth"], differences), "",
         f"![by depth]({figure})", "",
         "## Where each fact becomes top-1 for good (layer and depth %)", "",
         markdown_table(["fact"] + [s.model for s in studies], rows), ""])

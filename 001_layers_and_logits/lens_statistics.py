@@ -60,7 +60,13 @@ def probe_bias(study, kind: str, seed: int) -> dict | None:
 def p_target_band(readings, seed: int) -> dict:
     """Mean p(target) per layer over `readings` with its pointwise 95% band: {"value": [layers],
     "ci95": [[lo per layer], [hi per layer]], "n"}."""
-    value, lo, hi = stats.band([r.lens.target_prob for r in readings], seed=seed)
+    return layer_band(readings, "target_prob", seed)
+
+
+def layer_band(readings, quantity: str, seed: int) -> dict:
+    """The mean of one LensTrajectory curve (e.g. "target_prob", "entropy") per layer over `readings`, with its
+    pointwise 95% band: {"value": [layers], "ci95": [[lo per layer], [hi per layer]], "n"}."""
+    value, lo, hi = stats.band([getattr(r.lens, quantity) for r in readings], seed=seed)
     nan_to_none = [None if x != x else float(x) for x in lo], [None if x != x else float(x) for x in hi]
     return {"value": [float(v) for v in value], "ci95": list(nan_to_none), "n": len(readings)}
 
@@ -75,6 +81,28 @@ def statistics(study, seed: int) -> dict:
         if bias is not None:
             out[f"{kind}_bias_final_p"] = bias
     return out
+
+
+def comparison(studies, seed: int) -> dict:
+    """The models compared by depth % (the comparison run's "statistics"): per model its accuracy, median
+    resolution depth and mean p(target) and entropy by depth with bands (a list in the order of `studies`); for
+    each later model, its difference
+    from the first one fact by fact (paired, over the facts both models were asked)."""
+    per_model = [{"model": s.model, "depth": [layer / s.n_layers for layer in range(s.n_layers + 1)],
+                  **resolution(s.main_readings, seed),
+                  "p_target_by_depth": layer_band(s.main_readings, "target_prob", seed),
+                  "entropy_by_depth": layer_band(s.main_readings, "entropy", seed)} for s in studies]
+    first = {r.prompt.fact_id: r for r in studies[0].main_readings}
+    differences = {}
+    for s in studies[1:]:
+        other = {r.prompt.fact_id: r for r in s.main_readings}
+        facts = [fact for fact in first if fact in other]
+        depth = [[m[fact].lens.resolution().first_top1_depth for fact in facts] for m in (other, first)]
+        right = [[float(m[fact].lens.final_rank == 0) for fact in facts] for m in (other, first)]
+        differences[f"{s.model} minus {studies[0].model}"] = {
+            "accuracy": stats.paired_difference(*right, seed=seed),
+            "first_top1_depth": stats.paired_difference(*depth, statistic="median", seed=seed)}
+    return {"models": per_model, "paired_differences": differences}
 
 
 def text(record: dict, percent: bool = False) -> str:

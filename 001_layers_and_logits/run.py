@@ -56,7 +56,6 @@ from common.config import parse_toggles  # noqa: E402
 from common.facts import facts_in_turns  # noqa: E402
 from common.errors import LabError  # noqa: E402
 from common.models import load_model, resolve_model  # noqa: E402
-from common.progress import progress  # noqa: E402
 from common.prompts import (PROMPT_FORMATS, Prompt, encode, load_facts, load_prompts_file, render_fact,  # noqa: E402
                             target_token, token_strings)
 from lens_report import (EXPERIMENT, PROBES, ModelStudy, PromptReading, comparison_figure,  # noqa: E402
@@ -156,15 +155,18 @@ def study_model(cfg, model) -> ModelStudy:
                          cfg.BATCH_SIZE, f"{model.name}: {lens_name.upper()} lens, {model.n_layers + 1} layers")
     readings = [PromptReading(p, t, token_strings(model.tokenizer, i[0]), s)
                 for p, t, i, s in zip(prompts, targets, ids, sweeps)]
-    read_other_lenses(cfg, model, readings, ids, trained)
-    return ModelStudy(model.name, model.n_layers, lens_name, model.device, str(model.dtype).replace("torch.", ""),
-                      readings, notes + model.notes, trained, seed=cfg.SEED)
+    main_format = cfg.PROMPT_FORMAT if cfg.PROMPT_FORMAT in ("qa", "chat") else "completion"
+    study = ModelStudy(model.name, model.n_layers, lens_name, model.device, str(model.dtype).replace("torch.", ""),
+                       readings, notes + model.notes, trained, seed=cfg.SEED, main_format=main_format)
+    read_other_lenses(cfg, model, study, ids, trained)
+    return study
 
 
-def read_other_lenses(cfg, model, readings: list[PromptReading], ids: list, trained):
+def read_other_lenses(cfg, model, study: ModelStudy, ids: list, trained):
     """The main prompts also through the other lens (report.html shows NORM and RAW side by side); with a
     trained tuned lens, every prompt through it too."""
-    main = [k for k, reading in enumerate(readings) if reading.is_main]
+    readings = study.readings
+    main = [k for k, reading in enumerate(readings) if study.is_main(reading)]
     other = lens.sweeps(model, [ids[k] for k in main], [readings[k].target.token_id for k in main],
                         not cfg.USE_NORM_LENS, cfg.TOP_K, batch_size=cfg.BATCH_SIZE)
     for k, sweep in zip(main, other):
@@ -204,8 +206,10 @@ def write_comparison(cfg, studies: list[ModelStudy]) -> Path:
     with report.new_run_folder(cfg.OUT_DIR, "comparison") as run:
         run.write_json("results.json", comparison)
         run.write_json("config.json", report.run_config(cfg, None, EXPERIMENT))
-        figure = run.save_figure("by_depth.png", comparison_figure(studies))
-        run.write_text("report.md", comparison_markdown(studies, Path(cfg.OUT_DIR).expanduser(), figure))
+        statistics = comparison["statistics"]
+        figure = run.save_figure("by_depth.png", comparison_figure(statistics, studies[0].lens_name))
+        out_dir = Path(cfg.OUT_DIR).expanduser()
+        run.write_text("report.md", comparison_markdown(studies, statistics, out_dir, figure))
         html_report.write_page(run, comparison)
     return run.final_path
 

@@ -1,5 +1,4 @@
 """Measures of the foundation and 001: the lens sweep, cached model start, peak memory."""
-import os
 import tempfile
 
 from timing import REPO, alternating_medians, run_python

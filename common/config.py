@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import io
+import os
 import re
 import sys
 import tokenize
@@ -139,11 +140,14 @@ def parse_toggles(module_globals: dict, argv: list[str] | None = None) -> Config
 
 
 def _print_help(doc: str | None, toggles: dict, comments: dict):
-    if doc and doc.strip():
-        print(doc.strip() + "\n")
-    print("Toggles (edit them at the top of the file, or override one run with --NAME=VALUE):")
-    for name, value in toggles.items():
-        print(f"  {name} = {value!r}" + (f"  # {comments[name]}" if comments[name] else ""))
+    lines = [doc.strip() + "\n"] if doc and doc.strip() else []
+    lines.append("Toggles (edit them at the top of the file, or override one run with --NAME=VALUE):")
+    lines += [f"  {name} = {value!r}" + (f"  # {comments[name]}" if comments[name] else "")
+              for name, value in toggles.items()]
+    try:
+        print("\n".join(lines), flush=True)
+    except BrokenPipeError:  # `--help | head` closed the pipe early: nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so Python's exit flush stays quiet
     sys.exit(0)
 
 

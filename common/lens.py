@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .batching import batch_size as batch_size_for
 from .checks import check, tolerance
 from .progress import progress
 

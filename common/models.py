@@ -678,7 +678,6 @@ def load_model(spec: str | None = None, device: str = "auto", dtype: str = "auto
     source = resolve_model(spec)
     device = choose_device(device)
     _quiet_libraries()
-    import torch
     from transformers import AutoConfig
 
     if source.kind in ("embedded", "gguf"):

@@ -4,6 +4,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -180,21 +181,34 @@ def _write(path, text):
 
 
 def test_models_compared_by_depth(tmp_path, tiny_folders):
-    """MODELS with two tiny models: one run folder each, then one comparison."""
+    """MODELS with two tiny models, asked in the QA format only: one run folder each (their main prompts are the
+    QA ones), then one comparison whose statistics carry intervals and agree with the per-prompt numbers."""
     models = [str(tiny_folders["llama"]), str(tiny_folders["gemma2"])]
     out = tmp_path / "out"
-    result = run_script(SCRIPT, f"--OUT_DIR={out}", f"--MODELS={json.dumps(models)}", "--PROMPT_FORMAT=completion",
+    result = run_script(SCRIPT, f"--OUT_DIR={out}", f"--MODELS={json.dumps(models)}", "--PROMPT_FORMAT=qa",
                         "--FACTS=10", "--PARAPHRASES=False", "--DIRECTION_PROBES=False", "--TEMPERATURES=[1.0]")
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["comparison", "gemma2", "llama"]
     [folder] = [p for p in (out / "comparison").iterdir() if not p.is_symlink()]
     comparison = json.loads((folder / "results.json").read_text())
     assert [m["model"] for m in comparison["models"]] == ["llama", "gemma2"]
-    for entry in comparison["models"]:
-        assert Path(entry["run_folder"]).is_dir()
+    for entry, statistics in zip(comparison["models"], comparison["statistics"]["models"]):
+        assert Path(entry["run_folder"]).is_dir() and len(entry["prompts"]) == 10
+        assert all(p["prompt"].startswith("Question:") for p in entry["prompts"])
         for prompt in entry["prompts"]:
             assert len(prompt["depth"]) == entry["n_layers"] + 1 and prompt["depth"][-1] == 1.0
-    assert (folder / "by_depth.png").exists() and "models compared by depth" in (folder / "report.md").read_text()
+        band = statistics["p_target_by_depth"]
+        means = np.mean([p["target_prob"] for p in entry["prompts"]], axis=0)
+        assert band["n"] == 10 and np.allclose(band["value"], means, atol=1e-12)
+        assert all(lo <= v <= hi for v, lo, hi in zip(band["value"], *band["ci95"]))
+        right = [p["resolution"]["first_top1_layer"] is not None for p in entry["prompts"]]  # top-1 at the end
+        assert statistics["accuracy"]["value"] == pytest.approx(np.mean(right))
+    [difference] = comparison["statistics"]["paired_differences"].values()
+    accuracy = [s["accuracy"]["value"] for s in comparison["statistics"]["models"]]
+    assert difference["accuracy"]["value"] == pytest.approx(accuracy[1] - accuracy[0])
+    assert difference["accuracy"]["n"] == 10
+    text = (folder / "report.md").read_text()
+    assert (folder / "by_depth.png").exists() and "models compared by depth" in text and "], n = 10" in text
 
 
 def test_gemma3_base_model(tmp_path):

@@ -11,6 +11,12 @@ import sys
 import pytest
 import torch
 
+import common.attribution
+from common.attribution import (Attribution, attribute, cache_hook_names, decompose_last_position,
+                                decomposition_checks, direct_effects_by_the_model, direct_effects_of_ablation,
+                                direct_logit_attribution, has_post_attention_norm, head_outputs, metric_direction,
+                                metric_from_logits, norm_weight_convention, position0_share, ranks, spearman,
+                                top_indices)
 from common import interventions
 from conftest import ARCHITECTURES, REPO, assert_fails_cleanly, run_folders, run_script
 
@@ -91,9 +97,8 @@ def _hf_pre_softcap_logits(reference, ids, hooks=()) -> torch.Tensor:
 
 
 def _cached(model, ids):
-    from common import attribution as A
     with torch.no_grad():
-        return model.bridge.run_with_cache(ids, names_filter=A.cache_hook_names(model))
+        return model.bridge.run_with_cache(ids, names_filter=cache_hook_names(model))
 
 
 # ----------------------------------------------------------------------------- attribution
@@ -101,44 +106,42 @@ def _cached(model, ids):
 
 @pytest.mark.parametrize("metric", ["logit", "logit_diff"])
 def test_pieces_sum_to_the_metric(pair, metric):
-    from common import attribution as A
     name, model, reference = pair
     ids, target, counter = _ids_and_tokens(model)
     counter_id = counter if metric == "logit_diff" else None
     logits, cache = _cached(model, ids)
-    decomposition = A.decompose_last_position(model, cache)
-    attribution = A.attribute(model, decomposition, target, counter_id)
+    decomposition = decompose_last_position(model, cache)
+    attribution = attribute(model, decomposition, target, counter_id)
     # The reference metric comes from plain HF, not from the bridge cache the pieces were read from.
-    expected = float(A.metric_from_logits(_hf_pre_softcap_logits(reference, ids), target, counter_id))
+    expected = float(metric_from_logits(_hf_pre_softcap_logits(reference, ids), target, counter_id))
     assert attribution.total() == pytest.approx(expected, abs=1e-4)
     assert abs(expected) > 1e-3  # the test would notice a decomposition that sums to zero
     pre = cache["unembed.hook_out"][0, -1]
-    for check in A.decomposition_checks(model, decomposition, attribution, expected, pre, logits[0, -1]):
+    for check in decomposition_checks(model, decomposition, attribution, expected, pre, logits[0, -1]):
         assert check["passed"], check
-    assert A.norm_weight_convention(model.final_norm) == ("1 + w" if name == "gemma2" else "w")
+    assert norm_weight_convention(model.final_norm) == ("1 + w" if name == "gemma2" else "w")
     if name == "llama_bias":  # both bias terms are there and counted
         assert attribution.attn_bias.abs().max() > 1e-4 and abs(attribution.unembed_bias) > 1e-2
         without_unembed_bias = attribution.total() - attribution.unembed_bias
         assert abs(without_unembed_bias - expected) > 1e-2  # so dropping it would break the sum
     # Dropping the final norm's weight (the unfolded-cache pitfall in DESIGN.md) breaks the sum.
-    direction, _ = A.metric_direction(model, target, counter_id)
-    weightless = A.direct_logit_attribution(decomposition.resid_final, decomposition.rms_final,
+    direction, _ = metric_direction(model, target, counter_id)
+    weightless = direct_logit_attribution(decomposition.resid_final, decomposition.rms_final,
                                             torch.ones_like(direction), direction)
     assert abs(float(weightless) - expected) > 1e-3
 
 
 def test_post_attention_norm_is_frozen_per_head(tiny_folders):
     """Gemma-2: the heads pass through the post-attention norm; with its scale frozen they add up exactly."""
-    from common import attribution as A
     from common.models import load_model
     model = load_model(str(tiny_folders["gemma2"]), "cpu", "float32")
     _randomize(model.hf_model, with_bias=False)
     ids, _, _ = _ids_and_tokens(model)
-    names = A.cache_hook_names(model) + [f"blocks.{layer}.attn.hook_out" for layer in range(model.n_layers)]
+    names = cache_hook_names(model) + [f"blocks.{layer}.attn.hook_out" for layer in range(model.n_layers)]
     with torch.no_grad():
         _, cache = model.bridge.run_with_cache(ids, names_filter=names)
-    assert A.has_post_attention_norm(model)
-    decomposition = A.decompose_last_position(model, cache)
+    assert has_post_attention_norm(model)
+    decomposition = decompose_last_position(model, cache)
     raw = torch.stack([cache[f"blocks.{layer}.attn.hook_out"][0, -1] for layer in range(model.n_layers)])
     assert not torch.allclose(raw, decomposition.attn_out, atol=1e-3)  # the norm changes the output...
     heads = decomposition.heads.sum(dim=1) + decomposition.attn_bias
@@ -146,7 +149,6 @@ def test_post_attention_norm_is_frozen_per_head(tiny_folders):
 
 
 def test_head_outputs_sum_to_o_proj():
-    from common.attribution import head_outputs
     torch.manual_seed(0)
     z = torch.randn(5, 4, 8)  # [seq, n_heads, head_dim]
     o_proj = torch.nn.Linear(32, 16, bias=False)
@@ -159,7 +161,6 @@ def test_head_outputs_sum_to_o_proj():
 def test_rank_helpers():
     import numpy as np
 
-    from common.attribution import ranks, spearman, top_indices
     torch.manual_seed(1)
     a, b = torch.randn(50), torch.randn(50)
     # Without ties, Spearman = 1 - 6 sum(d^2) / (n (n^2 - 1)), d = difference of ranks (numpy's, independently).
@@ -183,7 +184,6 @@ def _circuit_report():
 def test_attention_vs_mlps_over_prompts_and_per_relation():
     from types import SimpleNamespace
 
-    from common.attribution import Attribution
     report = _circuit_report()
 
     def prompt(heads, mlps, relation):
@@ -225,7 +225,6 @@ def test_default_prompts_are_its_facts_plus_the_fact_set():
 
 
 def test_position0_share_finds_a_dominating_first_position():
-    from common.attribution import position0_share
     z = torch.ones(1, 4, 2, 3)  # [batch, seq, n_heads, head_dim]
     z[0, 0, 1] = 50.0  # head 1: position 0 is 50x the others
     mlp = torch.ones(1, 4, 6)
@@ -238,11 +237,10 @@ def test_position0_share_finds_a_dominating_first_position():
 
 
 def test_ablating_nothing_changes_nothing(pair):
-    from common import attribution as A
     _, model, _ = pair
     ids, target, counter = _ids_and_tokens(model)
     logits, cache = _cached(model, ids)
-    clean = float(A.metric_from_logits(cache["unembed.hook_out"][0, -1], target, counter))
+    clean = float(metric_from_logits(cache["unembed.hook_out"][0, -1], target, counter))
     # Clean rows alone, and a clean row batched with rows that do ablate something.
     sets = [([], []), ([(0, 0), (1, 2)], [1]), ([], [0]), ([], [])]
     head_mask, mlp_mask = interventions.ablation_masks(model.n_layers, model.n_heads, sets)
@@ -258,12 +256,11 @@ def test_ablating_nothing_changes_nothing(pair):
 @pytest.mark.parametrize("kind", ["zero", "mean"])
 def test_ablating_a_head_equals_doing_it_by_hand(pair, kind):
     """The bridge ablation of one head equals editing that head's slice of o_proj in plain HF."""
-    from common import attribution as A
     _, model, reference = pair
     ids, target, counter = _ids_and_tokens(model)
     _, cache = _cached(model, ids)
-    attribution = A.attribute(model, A.decompose_last_position(model, cache), target, counter)
-    layer, head = divmod(A.top_indices(attribution.heads.flatten(), 1)[0], model.n_heads)
+    attribution = attribute(model, decompose_last_position(model, cache), target, counter)
+    layer, head = divmod(top_indices(attribution.heads.flatten(), 1)[0], model.n_heads)
     head_mask, mlp_mask = interventions.ablation_masks(model.n_layers, model.n_heads, [([(layer, head)], [])])
     z_values, mlp_values = interventions.ablation_values(cache, model.n_layers, kind)
     metric, _ = interventions.run_ablations(model, ids, head_mask, mlp_mask, z_values, mlp_values, target, counter)
@@ -277,14 +274,13 @@ def test_ablating_a_head_equals_doing_it_by_hand(pair, kind):
         replacement = torch.zeros_like(z) if kind == "zero" else z.mean(dim=1, keepdim=True).expand_as(z)
         return output - (z - replacement) @ module.weight[:, part].T  # o_proj is linear in each head's z
 
-    expected = A.metric_from_logits(_hf_pre_softcap_logits(reference, ids, [(o_proj, by_hand)]), target, counter)
-    clean = A.metric_from_logits(_hf_pre_softcap_logits(reference, ids), target, counter)
+    expected = metric_from_logits(_hf_pre_softcap_logits(reference, ids, [(o_proj, by_hand)]), target, counter)
+    clean = metric_from_logits(_hf_pre_softcap_logits(reference, ids), target, counter)
     assert float(metric[0]) == pytest.approx(float(expected), abs=1e-4)
     assert abs(float(expected - clean)) > 1e-4  # the head matters, so a no-op ablation would fail
 
 
 def test_zero_ablating_an_mlp_equals_doing_it_by_hand(pair):
-    from common import attribution as A
     name, model, reference = pair
     ids, target, counter = _ids_and_tokens(model)
     _, cache = _cached(model, ids)
@@ -295,23 +291,22 @@ def test_zero_ablating_an_mlp_equals_doing_it_by_hand(pair):
     block = reference.hf_model.model.layers[layer]
     # What the block adds to the residual: Gemma-2 normalizes the MLP output first.
     module = block.post_feedforward_layernorm if name == "gemma2" else block.mlp
-    expected = A.metric_from_logits(
+    expected = metric_from_logits(
         _hf_pre_softcap_logits(reference, ids, [(module, lambda m, i, out: torch.zeros_like(out))]), target, counter)
     assert float(metric[0]) == pytest.approx(float(expected), abs=1e-4)
 
 
 def test_direct_effect_of_zero_ablation_is_the_attribution(pair):
-    from common import attribution as A
     _, model, _ = pair
     ids, target, counter = _ids_and_tokens(model)
     _, cache = _cached(model, ids)
-    decomposition = A.decompose_last_position(model, cache)
-    attribution = A.attribute(model, decomposition, target, counter)
+    decomposition = decompose_last_position(model, cache)
+    attribution = attribute(model, decomposition, target, counter)
     z_values, mlp_values = interventions.ablation_values(cache, model.n_layers, "zero")
-    heads, mlps = A.direct_effects_of_ablation(model, cache, decomposition, z_values, mlp_values, target, counter)
+    heads, mlps = direct_effects_of_ablation(model, cache, decomposition, z_values, mlp_values, target, counter)
     assert torch.allclose(heads, attribution.heads, atol=1e-6) and torch.allclose(mlps, attribution.mlps, atol=1e-6)
     z_mean, mlp_mean = interventions.ablation_values(cache, model.n_layers, "mean")
-    heads_mean, _ = A.direct_effects_of_ablation(model, cache, decomposition, z_mean, mlp_mean, target, counter)
+    heads_mean, _ = direct_effects_of_ablation(model, cache, decomposition, z_mean, mlp_mean, target, counter)
     assert not torch.allclose(heads_mean, attribution.heads, atol=1e-4)
 
 
@@ -319,18 +314,17 @@ def test_direct_effect_of_zero_ablation_is_the_attribution(pair):
 def test_direct_effects_by_the_model_equal_the_attribution_of_what_is_removed(pair, kind):
     """The self-check's reference (the model's own o_proj, norms and lm_head) against the unfolded attribution,
     for single heads, single MLPs and a set of several heads in one layer with an MLP."""
-    from common import attribution as A
     _, model, _ = pair
     ids, target, counter = _ids_and_tokens(model)
     _, cache = _cached(model, ids)
-    decomposition = A.decompose_last_position(model, cache)
+    decomposition = decompose_last_position(model, cache)
     z_values, mlp_values = interventions.ablation_values(cache, model.n_layers, kind)
-    heads, mlps = A.direct_effects_of_ablation(model, cache, decomposition, z_values, mlp_values, target, counter)
-    top_head = divmod(A.top_indices(heads.flatten(), 1)[0], model.n_heads)
-    top_mlp = A.top_indices(mlps, 1)[0]
+    heads, mlps = direct_effects_of_ablation(model, cache, decomposition, z_values, mlp_values, target, counter)
+    top_head = divmod(top_indices(heads.flatten(), 1)[0], model.n_heads)
+    top_mlp = top_indices(mlps, 1)[0]
     sets = [([], []), ([top_head], []), ([], [top_mlp]), ([(3, 0), (3, 1), (0, 3)], [1]), ([top_head], [top_mlp])]
     head_mask, mlp_mask = interventions.ablation_masks(model.n_layers, model.n_heads, sets)
-    reference = A.direct_effects_by_the_model(model, cache, z_values, mlp_values, head_mask, mlp_mask, target,
+    reference = direct_effects_by_the_model(model, cache, z_values, mlp_values, head_mask, mlp_mask, target,
                                               counter)
     expected = torch.tensor([sum(float(heads[l, h]) for l, h in hs) + sum(float(mlps[l]) for l in ms)
                              for hs, ms in sets])
@@ -492,14 +486,13 @@ def _scaled(function, factor: float, which: int | None = None):
 
 
 def _leave_out_the_embeddings(monkeypatch, run):
-    from common import attribution as A
-    decompose = A.decompose_last_position
+    decompose = decompose_last_position
 
     def faulty(model, cache):
         decomposition = decompose(model, cache)
         decomposition.embed = torch.zeros_like(decomposition.embed)
         return decomposition
-    monkeypatch.setattr(A, "decompose_last_position", faulty)
+    monkeypatch.setattr(common.attribution, "decompose_last_position", faulty)
 
 
 def _ablate_every_mlp_in_the_clean_row(monkeypatch, run):
@@ -515,8 +508,7 @@ def _ablate_every_mlp_in_the_clean_row(monkeypatch, run):
 def _patch_attribution(name: str, make_fault):
     """An injector that replaces common.attribution's `name` by make_fault(the original)."""
     def inject(monkeypatch, run):
-        from common import attribution as A
-        monkeypatch.setattr(A, name, make_fault(getattr(A, name)))
+        monkeypatch.setattr(common.attribution, name, make_fault(getattr(common.attribution, name)))
     return inject
 
 
@@ -566,13 +558,12 @@ def test_each_self_check_fails_when_its_fault_is_injected(monkeypatch, tmp_path,
 
 def test_metric_is_read_from_the_model_not_from_the_attribution(monkeypatch, tmp_path, biased, bias_folder):
     """The run's metric equals plain Hugging Face's logits (an independent forward), and the pieces add up to it."""
-    from common import attribution as A
     from common.models import load_model
     results, _ = _run_in_process(monkeypatch, tmp_path, biased, "--METRIC=logit_diff")
     reference = load_model(str(bias_folder), "cpu", "float32")
     _randomize(reference.hf_model, with_bias=True)
     ids, target, counter = _ids_and_tokens(reference)
-    expected = float(A.metric_from_logits(_hf_pre_softcap_logits(reference, ids), target, counter))
+    expected = float(metric_from_logits(_hf_pre_softcap_logits(reference, ids), target, counter))
     [record] = results["prompts"]
     assert record["metric"] == pytest.approx(expected, abs=1e-5)
     assert record["attribution"]["total"] == pytest.approx(expected, abs=1e-4)

@@ -2,6 +2,7 @@
 import pytest
 
 from common.config import declared_choices, parse_toggles, toggle_comments
+from conftest import REPO
 
 SOURCE = '''"""A test experiment."""
 MODEL = "smollm2-135m"  # which model
@@ -71,6 +72,20 @@ def test_help_lists_every_toggle_with_its_comment(module_globals, capsys):
     assert "A test experiment." in out
     assert "USE_NORM_LENS = True  # apply the final norm" in out
     assert "DEPTH_RANGE = (0.4, 0.85)  # a band of depth" in out
+
+
+def test_help_into_a_closed_pipe_is_quiet(module_globals, tmp_path):
+    """`run.py --help | head -1`: the reader leaves early; the help must not end in a BrokenPipeError traceback."""
+    import subprocess
+    import sys
+    script = tmp_path / "run.py"
+    script.write_text(SOURCE + "import sys\nsys.path.insert(0, %r)\nfrom common.config import parse_toggles\n"
+                      "parse_toggles(globals())\n" % str(REPO))
+    process = subprocess.Popen([sys.executable, str(script), "--help"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    process.stdout.close()  # before the script has started writing: its print meets a closed pipe
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=60) == 0 and "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
 
 
 def test_choices_are_declared_in_the_comment(tmp_path, capsys):
