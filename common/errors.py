@@ -16,7 +16,7 @@ def _one_line_excepthook(exc_type, exc, tb):
         return  # Python then exits with code 1
     if issubclass(exc_type, NotImplementedError) and "MPS" in str(exc):
         print("Error: an operation this run needs is not implemented on the Mac's GPU (MPS): run again with "
-              f"PYTORCH_ENABLE_MPS_FALLBACK=1 in front of the command, or with --DEVICE=cpu.", file=sys.stderr)
+              "PYTORCH_ENABLE_MPS_FALLBACK=1 in front of the command, or with --DEVICE=cpu.", file=sys.stderr)
         return
     if issubclass(exc_type, KeyboardInterrupt):
         print("\nInterrupted: nothing was written for this run.", file=sys.stderr)
