@@ -33,7 +33,9 @@ def check(name: str, max_abs_diff: float, allowed: float) -> dict:
 
 
 def worst_over_prompts(checks_per_prompt: list[list[dict]]) -> list[dict]:
-    """Each self-check once, as its worst prompt measured it (largest difference over tolerance).
+    """Each self-check once, as its worst prompt measured it: the prompt nearest to failing (largest difference
+    minus tolerance; where tolerances scale with a prompt's logits, another prompt may have a larger raw difference
+    under a larger tolerance).
 
     checks_per_prompt: per prompt, its list of `check` records (the same names in each). A check passes
     only if it passed on every prompt; its name then says over how many prompts and how many failed.
@@ -47,5 +49,5 @@ def worst_over_prompts(checks_per_prompt: list[list[dict]]) -> list[dict]:
         worst = max(records, key=lambda r: r["max_abs_diff"] - r["tolerance"])
         failed = sum(not r["passed"] for r in records)
         summary.append(dict(worst, passed=failed == 0,
-                            name=f"{name} (worst of {len(records)} prompts, {failed} failed)"))
+                            name=f"{name} (worst of {len(records)} prompts: nearest its tolerance; {failed} failed)"))
     return summary

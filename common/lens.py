@@ -142,15 +142,19 @@ def check_kl_to_final(label: str, lens_logits: torch.Tensor, final_logits: torch
 def check_ranks_under_temperature(label: str, lens_logits: torch.Tensor, target_id: int,
                                   ranks_by_temperature: dict[float, torch.Tensor]) -> dict:
     """Dividing logits by T > 0 keeps their order, so the target's rank read from each tempered distribution
-    (lens_metrics at T) must equal the rank counted here in the untempered logits: a temperature applied to
-    anything but the whole row, or a rank read wrong, shows here. lens_logits: [layers, vocab]; each ranks
-    tensor: [layers]."""
-    logits = lens_logits.float()
-    reference = torch.count_nonzero(logits > logits[:, target_id : target_id + 1], dim=-1).cpu()  # [layers]
-    worst = max((ranks.cpu() - reference).abs().max().item() for ranks in ranks_by_temperature.values())
+    (lens_metrics at T) must equal the rank counted here: the whole row divided by T, then the logits above the
+    target's counted. A temperature applied to anything but the whole row, or a rank read wrong, shows here.
+    (The count is made on the divided row, not the raw one, because float32 division can round two logits one
+    ulp apart to the same value: measured on 1 of 478 of 001's prompts on SmolLM2, a rank change of 1.)
+    lens_logits: [layers, vocab]; each ranks tensor: [layers]."""
+    worst = 0
+    for temperature, ranks in ranks_by_temperature.items():
+        tempered = lens_logits.float() if temperature == 1.0 else lens_logits.float() / temperature
+        reference = torch.count_nonzero(tempered > tempered[:, target_id : target_id + 1], dim=-1)  # [layers]
+        worst = max(worst, (ranks.cpu() - reference.cpu()).abs().max().item())
     temperatures = ", ".join(f"{t:g}" for t in ranks_by_temperature)
-    return check(f"{label}: target rank at T = {temperatures} == its rank in the untempered logits, every layer "
-                 "(largest rank change)", worst, 0)
+    return check(f"{label}: target rank at T = {temperatures} == its rank counted in the whole row divided by T, "
+                 "every layer (largest rank change)", worst, 0)
 
 
 def metrics_by_temperature(lens_logits: torch.Tensor, target_id: int, top_k: int, temperatures) -> dict[float, dict]:

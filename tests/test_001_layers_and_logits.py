@@ -76,7 +76,7 @@ def test_norm_and_raw_runs_write_the_contract_files(norm_and_raw_runs):
     report = (by_lens["norm"][0] / "report.md").read_text()
     assert "PASS: NORM lens at the last layer == model logits" in report
     assert "PASS: NORM lens: KL(final || layer) == torch's kl_div against the model's own logits" in report
-    assert "PASS: NORM lens: target rank at T = 0.5, 1, 1.5, 2 == its rank in the untempered logits" in report
+    assert "PASS: NORM lens: target rank at T = 0.5, 1, 1.5, 2 == its rank counted in the whole row divided by T" in report
     assert "FAIL" not in report
     raw_report = (by_lens["raw"][0] / "report.md").read_text()
     assert "PASS: RAW lens: KL(final || layer) == torch's kl_div against its own last layer" in raw_report
@@ -263,7 +263,7 @@ def check_line(report: str, fragment: str) -> str:
 
 NORM_CHECK = "NORM lens at the last layer == model logits"
 KL_CHECK = "NORM lens: KL(final || layer) == torch's kl_div against the model's own logits"
-RANK_CHECK = "NORM lens: target rank at T = 0.5, 1, 2 == its rank in the untempered logits"
+RANK_CHECK = "NORM lens: target rank at T = 0.5, 1, 2 == its rank counted in the whole row divided by T"
 
 
 @pytest.mark.parametrize("model", ["llama", "gemma2"])

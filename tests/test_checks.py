@@ -19,5 +19,5 @@ def test_worst_over_prompts_keeps_the_worst_and_fails_if_any_failed():
     second = [check("x", 2.0, 1.0), check("y", 0.5, 1.0)]
     summary = {record["name"].split(" (")[0]: record for record in worst_over_prompts([first, second])}
     assert summary["x"]["max_abs_diff"] == 2.0 and not summary["x"]["passed"]
-    assert "worst of 2 prompts, 1 failed" in summary["x"]["name"]
+    assert "worst of 2 prompts: nearest its tolerance; 1 failed" in summary["x"]["name"]
     assert summary["y"]["passed"] and summary["y"]["max_abs_diff"] == 0.5

@@ -137,6 +137,17 @@ def test_rank_check_counts_the_ranks_another_way():
     assert not failed["passed"] and failed["max_abs_diff"] == 2
 
 
+def test_rank_check_allows_float32_division_ties():
+    """Two logits one ulp apart can round to one value once divided by T (3.3 and the next float32, at T = 1.5):
+    the rank then changes by one, honestly. The check counts in the divided row, so it still passes."""
+    target = torch.tensor(3.3)
+    row = torch.tensor([0.0, float(torch.nextafter(target, torch.tensor(9.0))), float(target), -1.0])  # [vocab]
+    logits = row.repeat(2, 1)  # [layers, vocab]
+    ranks = {t: lens.lens_metrics(logits, 2, top_k=2, temperature=t)["target_rank"] for t in (1.0, 1.5)}
+    assert ranks[1.0].tolist() == [1, 1] and ranks[1.5].tolist() == [0, 0]  # the tie that float32 makes
+    assert lens.check_ranks_under_temperature("lens", logits, 2, ranks)["passed"]
+
+
 def test_trajectory_records_and_resolution(tiny):
     ids = encode(tiny, "The capital of France is")
     by_temperature = lens.sweep(tiny, ids, target_id=5, top_k=2, temperatures=(2.0, 0.5))
