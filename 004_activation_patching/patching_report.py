@@ -282,12 +282,16 @@ def across_section(results: PatchingResults, figures: dict) -> list[str]:
     out = ["## Across pairs", "",
            "Each statistic: value [95% seeded bootstrap interval] (n = pairs it is over; an interval needs n >= 2). "
            "Depth = layer / n_layers. Switch layer: the first layer from which patching the last position's clean "
-           "residual makes the clean answer top-1 (to the last layer); only pairs whose clean run answers clean "
-           "and whose corrupt run does not can switch (the others would 'switch' never or at layer 0).", "", markdown_table(["statistic", "value [95% interval] (n)"], rows), "",
+           "residual makes the clean answer top-1 (to the last layer). Only pairs whose clean run answers clean "
+           "and whose corrupt run does not can switch; every statistic below the first row, the curves and the "
+           "head counts are over those pairs only (for the others the normalized effect has no meaning: the "
+           "clean - corrupt logit difference can be near 0 or negative).", "",
+           markdown_table(["statistic", "value [95% interval] (n)"], rows), "",
            f"![switch depth across pairs]({figures['strip']})", ""]
     if "restoration" in figures:
         out += [f"![restoration by layer]({figures['restoration']})", ""]
-    out += [f"Heads most often among a pair's top {TOP_HEADS} at the final position (|effect|, exact where run):", "",
+    out += [f"Heads most often among a pair's top {TOP_HEADS} at the final position (|effect|, exact where run; "
+            "pairs that can switch):", "",
             markdown_table(["head", "share of pairs [95% interval] (n)"],
                            [[h["head"], stat_text(h["share"])] for h in a.heads[:10]]), "",
             "Per relation (intervals are wide or absent with few pairs):", "",

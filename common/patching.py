@@ -743,7 +743,8 @@ def depth(layer: int | None, n_layers: int) -> float | None:
 @dataclass
 class AcrossPairs:
     """004's statistics over its pairs, each {"value", "ci95", "n"} (common/stats.py); depths are layer /
-    n_layers. `as_record()` is results.json's "across_pairs"."""
+    n_layers. `switchable` is over every pair, all that follow over the pairs that can switch (`across_pairs`).
+    `as_record()` is results.json's "across_pairs"."""
     n_pairs: int
     switchable: dict  # share of pairs that can switch (`PairStudy.can_switch`)
     switch_share: dict  # of the switchable pairs: share with a switch layer
@@ -780,13 +781,16 @@ def switch_statistics(studies: list[PairStudy], seed: int) -> dict:
 
 
 def across_pairs(studies: list[PairStudy], seed: int) -> AcrossPairs:
-    """The statistics of `AcrossPairs` over every studied pair (seeded bootstrap intervals)."""
-    n = studies[0].link.n_layers
-    switch = [depth(s.link.switch_layer, n) for s in studies]
-    resolution = [depth(s.link.resolution_layer, n) for s in studies]
-    curves = [c for c in map(subject_and_last, studies) if c is not None]
+    """The statistics of `AcrossPairs` (seeded bootstrap intervals): the share that can switch over every studied
+    pair; everything else over the pairs that can switch. A pair the model gets wrong (its clean run does not answer
+    clean, or its corrupt run already does) has a normalized effect with no meaning: its clean - corrupt logit
+    difference can be near 0 or negative, and it would "switch" never or at layer 0."""
+    n, valid = studies[0].link.n_layers, [s for s in studies if s.can_switch]
+    switch = [depth(s.link.switch_layer, n) for s in valid]
+    resolution = [depth(s.link.resolution_layer, n) for s in valid]
+    curves = [c for c in map(subject_and_last, valid) if c is not None]
     handoffs = [handoff(*c) for c in curves]
-    grids = sorted({g for s in studies for g, grid in s.grids.items() if grid.correlation() is not None})
+    grids = sorted({g for s in valid for g, grid in s.grids.items() if grid.correlation() is not None})
     relations: dict[str, list[PairStudy]] = {}
     for study in studies:
         relations.setdefault(study.pair.get("relation", "-"), []).append(study)
@@ -796,8 +800,8 @@ def across_pairs(studies: list[PairStudy], seed: int) -> AcrossPairs:
         lens_lag=paired_difference(resolution, switch, "median", seed=seed),
         subject_until=interval([depth(h[0], n) for h in handoffs], "median", seed=seed),
         last_from=interval([depth(h[1], n) for h in handoffs], "median", seed=seed),
-        restoration=restoration_bands(curves, seed), heads=head_frequency(list(map(strongest_heads, studies)), seed),
-        correlation={g: interval([s.grids[g].correlation() for s in studies if g in s.grids], "median", seed=seed)
+        restoration=restoration_bands(curves, seed), heads=head_frequency(list(map(strongest_heads, valid)), seed),
+        correlation={g: interval([s.grids[g].correlation() for s in valid if g in s.grids], "median", seed=seed)
                      for g in grids},
         by_relation={r: {"n": len(group), "switchable": sum(s.can_switch for s in group)} | switch_statistics(group, seed)
                      for r, group in relations.items()})

@@ -529,10 +529,13 @@ def test_default_pairs_come_from_001s_fact_set(embedded):
         encode_pair(embedded, pair, f"Pair {i}")
 
 
-def test_facts_run_reports_statistics_across_pairs(tiny_folders, tmp_path):
+def test_facts_run_reports_statistics_across_pairs(tiny_folders, tmp_path, monkeypatch):
     """Pairs built from a fact file; every statistic over pairs is {"value", "ci95", "n"} and agrees with a
-    recomputation from the per-pair records; only the first DETAIL_PAIRS pairs are traced."""
+    recomputation from the per-pair records over the pairs that can switch; only the first DETAIL_PAIRS pairs
+    are traced. A random model answers no fact, so which pairs 'can switch' is set here: all but France's."""
     import numpy as np
+    from common.patching import PairStudy
+    monkeypatch.setattr(PairStudy, "can_switch", property(lambda study: "france" not in study.pair["id"]))
     folder = run_in_process(SCRIPT, f"--MODEL={tiny_folders['llama']}", f"--OUT_DIR={tmp_path}", "--N_PAIRS=3",
                             f"--FACTS_FILE={_few_facts(tmp_path)}", "--SITES=['resid', 'head']", "--DETAIL_PAIRS=1",
                             "--NOISE_SAMPLES=1", "--EXACT=all")
@@ -541,18 +544,21 @@ def test_facts_run_reports_statistics_across_pairs(tiny_folders, tmp_path):
     assert len(pairs) == 3 and all(p["id"].endswith("_capital") and "_vs_" in p["id"] for p in pairs)
     assert ["causal_trace" in p for p in pairs] == [True, False, False]
     n = results["n_layers"]
-    switchable = [p for p in pairs if p["clean_answer_top1_in_clean_run"] and not p["clean_answer_top1_in_corrupt_run"]]
+    switchable = [p for p in pairs if "france" not in p["id"]]
+    assert 0 < len(switchable) < 3, [p["id"] for p in pairs]  # the filter has something to leave out
     depths = [p["link_to_001"]["switch_layer"] / n for p in switchable if p["link_to_001"]["switch_layer"] is not None]
-    assert across["switchable"]["n"] == 3 and across["switch_share"]["n"] == len(switchable)
-    assert across["switch_depth"]["n"] == len(depths)
+    assert across["switchable"]["n"] == 3 and across["switchable"]["value"] == pytest.approx(len(switchable) / 3)
+    assert across["switch_share"]["n"] == len(switchable) and across["switch_depth"]["n"] == len(depths)
     assert across["switch_depth"]["value"] == (pytest.approx(float(np.median(depths))) if depths else None)
-    last = [[row[-1] for row in p["exact"]["resid"]] for p in pairs]
+    last = [[row[-1] for row in p["exact"]["resid"]] for p in switchable]
+    assert across["restoration"]["last"]["n"] == len(switchable)
     assert across["restoration"]["last"]["value"] == pytest.approx(np.mean(last, axis=0).tolist())
-    for p in pairs:  # every pair's top heads by |exact| at the final position, as the frequency counts them
+    for p in switchable:  # every pair's top heads by |exact| at the final position, as the frequency counts them
         values = np.abs(np.asarray(p["exact"]["head_final"], float)).flatten()
         p["top"] = {f"L{i // results['n_heads']}H{i % results['n_heads']}" for i in np.argsort(-values, kind="stable")[:5]}
     for head in across["heads"]:
-        assert head["share"]["value"] == pytest.approx(sum(head["head"] in p["top"] for p in pairs) / 3)
+        share = sum(head["head"] in p["top"] for p in switchable) / len(switchable)
+        assert head["share"]["value"] == pytest.approx(share) and head["share"]["n"] == len(switchable)
     for record in [across[k] for k in ("switchable", "switch_share", "resolution_depth", "lens_lag")]:
         assert set(record) >= {"value", "ci95", "n"} and len(record["ci95"]) == 2
     report = (folder / "report.md").read_text()
