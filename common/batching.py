@@ -14,7 +14,7 @@ from . import models
 MAX_TOKENS_PER_FORWARD = 1024  # past this, a bigger batch is no faster on a CPU
 FREE_SHARE = 0.25  # the batch may use at most this share of the free memory ...
 WEIGHTS_SHARE = 0.10  # ... and of the weights' bytes (so 7-9B models stay near their weight size)
-MIN_BUDGET = 256 * 1024 ** 2  # ... but always at least this much (small models)
+MIN_BUDGET = 512 * 1024 ** 2  # ... but always at least this much (small models: a 135M model batches ~24 short prompts)
 
 
 def bytes_per_sequence(config, seq_len: int, itemsize: int) -> int:
