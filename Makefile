@@ -33,8 +33,9 @@ run: setup
 chat: setup
 	$(PY) 000_basic_chat/run.py
 
+# One worker per CPU core; a file's tests stay on one worker (its module fixtures run once).
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --dist loadfile tests
 
 bench: setup
 	$(PY) bench/bench.py

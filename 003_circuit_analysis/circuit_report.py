@@ -566,15 +566,19 @@ def _agreement_table(results: CircuitResults) -> list[str]:
     k, metric, rows = results.top_k, results.metric, []
     for r in results.prompts:
         g, heads, mlps = r.agreement(k), r.joint("top heads"), r.joint("top MLPs")
-        rows.append([md_escape(r.prompt.text), g["heads"]["spearman"], g["heads"]["top_k_overlap"],
+        rows.append([md_escape(r.prompt.text), "all" if r.ablated_every else f"top {k}",
+                     g["heads"]["spearman"], g["heads"]["top_k_overlap"],
                      g["heads"]["sign_flips_in_top_k"], g["mlps"]["spearman"], g["mlps"]["top_k_overlap"],
                      g["mlps"]["sign_flips_in_top_k"], -heads.total_effect, heads.target_prob,
                      -mlps.total_effect, mlps.target_prob])
     return ["## Across prompts: direct vs total effect", "",
             f"Per prompt: rank agreement of direct and total effects (Spearman, over the components ablated alone), "
             f"how many of the top {k} by |direct| are also top {k} by |total|, sign flips among "
-            "them, and what ablating the positive top writers together does to the metric and p(target).", "",
-            markdown_table(["prompt", "heads Spearman", "heads overlap", "heads flips", "MLPs Spearman",
+            "them, and what ablating the positive top writers together does to the metric and p(target). "
+            f"'ablated' says over which components: 'all' (every head and MLP alone) or 'top {k}' (only the top {k} "
+            f"by |direct|, so their overlap is {k} by construction and their Spearman is among the strongest "
+            "writers only): do not compare the two kinds of row.", "",
+            markdown_table(["prompt", "ablated", "heads Spearman", "heads overlap", "heads flips", "MLPs Spearman",
                             "MLPs overlap", "MLPs flips", f"Δ{metric}, top heads off", "p, top heads off",
                             f"Δ{metric}, top MLPs off", "p, top MLPs off"], rows), ""]
 
@@ -615,7 +619,9 @@ def _recurring_heads(results: CircuitResults) -> list[str]:
     out = ["## Across prompts: recurring heads beside attention on the subject", "",
            f"Heads in the top {k} by |DLA| of at least one prompt, most frequent first. Share in top {k} and "
            f"mean DLA over all {across.n_prompts} prompts with seeded bootstrap 95% intervals; mean total effect over "
-           "the prompts where the head was ablated alone (n ablated). " + _subject_note(across), "",
+           f"the prompts where the head was ablated alone (n ablated: the first ones, where every head is, and those "
+           f"where it made the top {k}; a selected subset, so it is not comparable with the mean DLA beside it). "
+           + _subject_note(across), "",
            markdown_table(["head", f"prompts in top {k}", f"share in top {k} [95% CI]", "mean DLA [95% CI]",
                            "mean total effect", "n ablated", "subject attention", "subject rank"] + column_002,
                           rows), ""]

@@ -201,8 +201,21 @@ def convert(gguf: Path, folder: Path, config, dtype_name: str, save_tokenizer):
         (tmp / "lab_source.json").write_text(json.dumps({"gguf": str(gguf.resolve()), "dtype": dtype_name,
                                                          "content_key": content_key(gguf)}))
         del reader
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
+        _move_into_place(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _move_into_place(tmp: Path, folder: Path):
+    """Rename the finished `tmp` to `folder`. A second run converting the same file at the same time (two
+    experiments started together on first use) may have finished first: its folder is complete (folders appear
+    only by this rename), so it is kept and `tmp` dropped. A folder without config.json is a leftover: replaced."""
+    if folder.exists() and not (folder / "config.json").exists():
+        shutil.rmtree(folder, ignore_errors=True)
+    try:
+        tmp.rename(folder)
+    except OSError:
+        if not (folder / "config.json").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -112,6 +112,24 @@ def test_interrupted_or_corrupt_conversion_leaves_no_cache_entry(tiny_gguf, cach
     assert not [p for p in (cache / "converted-v1").iterdir() if p.is_dir()]
 
 
+def test_two_runs_converting_the_same_file_at_once_keep_the_first_finished(tiny_gguf, cache, monkeypatch):
+    """Two experiments started together on first use both convert: the one finishing second finds the complete
+    folder of the first, keeps it (its files may be loading already) and drops its own copy."""
+    from common import gguf_convert
+    from common.models import converted_cache_folder, dequantized_folder
+    folder = converted_cache_folder(tiny_gguf, "float16")
+    real_move = gguf_convert._move_into_place
+
+    def other_run_finishes_first(tmp, target):
+        shutil.copytree(tmp, target)  # the other run's complete folder appears first
+        (target / "marker").write_text("first")
+        real_move(tmp, target)
+    monkeypatch.setattr(gguf_convert, "_move_into_place", other_run_finishes_first)
+    assert dequantized_folder(tiny_gguf, dtype_name="float16") == folder
+    assert (folder / "marker").read_text() == "first" and (folder / "config.json").exists()
+    assert [p.name for p in folder.parent.iterdir() if p.is_dir()] == [folder.name]  # no .tmp- left
+
+
 def test_storage_dtype_rule():
     from common.gguf_convert import storage_dtype_name
     families = ("gemma2", "gemma3_text")
