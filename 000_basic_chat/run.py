@@ -37,6 +37,7 @@ OUT_DIR = str(Path(__file__).resolve().parent / "results")  # transcripts go to 
 
 import contextlib  # noqa: E402
 import math  # noqa: E402
+import signal  # noqa: E402
 
 import common  # noqa: E402,F401 - first: it sets PYTORCH_ENABLE_MPS_FALLBACK before torch loads
 import torch  # noqa: E402
@@ -80,6 +81,9 @@ def chat_loop(session):
     """Read messages and /commands until /quit, Ctrl-D (end of input) or Ctrl-C at the prompt.
 
     Ctrl-C during an answer is caught inside session.ask (the answer stops, the chat goes on)."""
+    # Ctrl-C must raise KeyboardInterrupt even when this process was started with SIGINT ignored (a background
+    # job of a script, some test runners): Python then leaves it ignored, and Ctrl-C would do nothing.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if sys.stdin.isatty():
         try:
             import readline  # noqa: F401 - arrow keys and history in input()
