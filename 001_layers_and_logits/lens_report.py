@@ -222,6 +222,7 @@ def report_markdown(study: ModelStudy, figures: dict) -> str:
     out += ["## Self-checks", "", check_lines(study.checks), ""]
     out += section_key_layers(study)
     out += section_resolution(study)
+    out += section_other_lens(study)
     out += [f"![target probability]({figures['target_prob']})", "", f"![top-1 token]({figures['top_token']})", ""]
     out += section_tuned_lens(study, figures) if study.tuned_lens is not None else []
     out += section_formats(study)
@@ -309,6 +310,29 @@ def section_resolution(study: ModelStudy) -> list[str]:
             "the entropy most.", "",
             markdown_table(["prompt", "target", "final p", "final rank", "top-1 for good", "p > 0.5", "entropy drop"],
                            rows), ""]
+
+
+def section_other_lens(study: ModelStudy) -> list[str]:
+    """NORM beside RAW at the key layers, over the main prompts: mean p(target), median rank, and how many have
+    the target top-1 (the other lens is read for the main prompts only)."""
+    pairs = [(r.lens, r.other_lens) for r in study.main_readings if r.other_lens is not None]
+    if not pairs:
+        return []
+    names = (study.lens_name.upper(), "RAW" if study.lens_name == "norm" else "NORM")
+    rows = []
+    for layer in key_layers(study.n_layers):
+        row = [layer, f"{100 * layer / study.n_layers:.0f}%"]
+        for side in (0, 1):
+            probs = [pair[side].target_prob[layer] for pair in pairs]
+            ranks = [pair[side].target_rank[layer] for pair in pairs]
+            row += [sum(probs) / len(probs), median(ranks), sum(rank == 0 for rank in ranks)]
+        rows.append(row)
+    headers = ["layer", "depth"] + [f"{name} {what}" for name in names
+                                     for what in ("mean p(target)", "median rank", "top-1")]
+    return [f"## {names[0]} beside {names[1]} (main prompts, key layers)", "",
+            f"The same {len(pairs)} main prompts through both lenses: RAW unembeds the residual stream as it is, "
+            "NORM applies the final norm first (at the last layer NORM is the model's own output, RAW is not).", "",
+            markdown_table(headers, rows), ""]
 
 
 def section_tuned_lens(study: ModelStudy, figures: dict) -> list[str]:

@@ -144,6 +144,19 @@ def test_norm_lens_resolves_late_and_raw_differs(norm_and_raw_runs):
         assert raw_probs != pytest.approx(norm_probs, abs=1e-3)
 
 
+def test_report_sets_norm_beside_raw(norm_and_raw_runs):
+    """The NORM run's report.md has NORM beside RAW at the key layers, from the same numbers the RAW run writes."""
+    out, _, _ = norm_and_raw_runs
+    folders = {json.loads((f / "results.json").read_text())["lens"]: f for f in run_folders(out)}
+    raw = _main_prompts(json.loads((folders["raw"] / "results.json").read_text()))
+    report = (folders["norm"] / "report.md").read_text()
+    section = report.split("## NORM beside RAW (main prompts, key layers)")[1].split("\n## ")[0]
+    last_row = [line for line in section.splitlines() if line.startswith("| 30 |")][0].split("|")
+    mean_raw_p = sum(p["layers"][30]["target_prob"] for p in raw) / len(raw)
+    assert float(last_row[6]) == pytest.approx(mean_raw_p, abs=1e-6)  # RAW mean p(target) at the last layer
+    assert int(last_row[8]) == sum(p["layers"][30]["target_rank"] == 0 for p in raw)
+
+
 def test_prompts_file_is_used_verbatim(tmp_path):
     prompts = tmp_path / "mine.json"
     prompts.write_text(json.dumps([{"prompt": "The capital of Germany is", "target": "Berlin"}]))
