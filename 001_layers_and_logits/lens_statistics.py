@@ -57,12 +57,6 @@ def probe_bias(study, kind: str, seed: int) -> dict | None:
     return stats.paired_difference([first[i] for i in ids], [second[i] for i in ids], seed=seed)
 
 
-def p_target_band(readings, seed: int) -> dict:
-    """Mean p(target) per layer over `readings` with its pointwise 95% band: {"value": [layers],
-    "ci95": [[lo per layer], [hi per layer]], "n"}."""
-    return layer_band(readings, "target_prob", seed)
-
-
 def layer_band(readings, quantity: str, seed: int) -> dict:
     """The mean of one LensTrajectory curve (e.g. "target_prob", "entropy") per layer over `readings`, with its
     pointwise 95% band: {"value": [layers], "ci95": [[lo per layer], [hi per layer]], "n"}."""
@@ -75,7 +69,7 @@ def statistics(study, seed: int) -> dict:
     """Every statistic over prompts of one model's run (results.json "statistics")."""
     mains = study.main_readings
     out = {"main_prompts": resolution(mains, seed), "by_format": by_format(study, seed),
-           "by_relation": by_relation(study, seed), "p_target_by_layer": p_target_band(mains, seed)}
+           "by_relation": by_relation(study, seed), "p_target_by_layer": layer_band(mains, "target_prob", seed)}
     for kind in PAIRED_PROBES:
         bias = probe_bias(study, kind, seed)
         if bias is not None:
@@ -84,10 +78,10 @@ def statistics(study, seed: int) -> dict:
 
 
 def comparison(studies, seed: int) -> dict:
-    """The models compared by depth % (the comparison run's "statistics"): per model its accuracy, median
-    resolution depth and mean p(target) and entropy by depth with bands (a list in the order of `studies`); for
-    each later model, its difference
-    from the first one fact by fact (paired, over the facts both models were asked)."""
+    """The models compared by depth % (the comparison run's "statistics"): per model (a list in the order of
+    `studies`) its accuracy, median resolution depth, and mean p(target) and entropy by depth with bands; for each
+    later model, its difference from the first one fact by fact (paired, over the facts both models were asked;
+    the depth difference over the facts both get right)."""
     per_model = [{"model": s.model, "depth": [layer / s.n_layers for layer in range(s.n_layers + 1)],
                   **resolution(s.main_readings, seed),
                   "p_target_by_depth": layer_band(s.main_readings, "target_prob", seed),
