@@ -275,6 +275,14 @@ def section_statistics(study: ModelStudy, figures: dict) -> list[str]:
         if f"{kind}_bias_final_p" in st:
             sides = "forward minus reverse" if kind == "direction" else "target first minus target second"
             out.append(f"- {kind.replace('_', ' ')} bias, final p(target) {sides}: {stat_text(st[kind + '_bias_final_p'])}.")
+    if "paraphrases" in st:
+        wording = st["paraphrases"]
+        out.append(f"- Paraphrases ({wording['facts']} facts in {wording['wordings']} wordings; each fact one unit): "
+                   f"share of a fact's wordings that are right, mean {stat_text(wording['accuracy_per_fact'], percent)}; "
+                   f"facts whose wordings all agree (all right or all wrong): "
+                   f"{stat_text(wording['wordings_agree'], percent)}; spread of the top-1-for-good depth across a "
+                   f"fact's wordings (facts where two or more resolve), median "
+                   f"{stat_text(wording['first_top1_depth_spread'], percent)}.")
     rows = [[relation, stat_text(r["accuracy"], percent), stat_text(r["first_top1_depth_median"], percent)]
             for relation, r in st["by_relation"].items()]
     out += ["", "### By relation (main prompts)", "",
@@ -395,14 +403,19 @@ def section_temperature(study: ModelStudy, figure: str) -> list[str]:
     """Final layer, mean over the main prompts, per temperature; whether every rank is as at T = 1 (the
     temperature self-check compares the same ranks against the untempered logits, prompt by prompt)."""
     mains, rows = study.main_readings, []
+    intervals = study.statistics["by_temperature"]
     for temperature in mains[0].by_temperature:
         at = [r.by_temperature[temperature] for r in mains]
-        means = [sum(getattr(t, key)[-1] for t in at) / len(at) for key in ("target_prob", "entropy", "top_k_mass")]
+        top_k_mass = sum(t.top_k_mass[-1] for t in at) / len(at)
         same = all(t.target_rank == r.lens.target_rank for t, r in zip(at, mains))
-        rows.append([f"{temperature:g}", *means, "yes" if same else "NO"])
+        record = intervals[f"{temperature:g}"]
+        rows.append([f"{temperature:g}", stat_text(record["final_p_target"]), stat_text(record["final_entropy"]),
+                     top_k_mass, "yes" if same else "NO"])
     return ["## Temperature", "",
-            "Final layer, mean over the main prompts. Logits are divided by T before the softmax, at every layer.", "",
-            markdown_table(["T", "mean p(target)", "mean entropy", "mean top-k mass", "ranks as at T = 1"], rows), "",
+            "Final layer, mean over the main prompts (95% bootstrap intervals). Logits are divided by T before "
+            "the softmax, at every layer.", "",
+            markdown_table(["T", "mean p(target)", "mean entropy (nats)", "mean top-k mass", "ranks as at T = 1"],
+                           rows), "",
             f"![temperature]({figure})", ""]
 
 

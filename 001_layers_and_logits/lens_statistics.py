@@ -57,6 +57,37 @@ def probe_bias(study, kind: str, seed: int) -> dict | None:
     return stats.paired_difference([first[i] for i in ids], [second[i] for i in ids], seed=seed)
 
 
+def by_temperature(study, seed: int) -> dict:
+    """Per temperature (text key, e.g. "1.5"), the final layer's mean p(target) and mean entropy over the main
+    prompts."""
+    mains = study.main_readings
+    return {f"{t:g}": {"final_p_target": stats.interval([r.by_temperature[t].target_prob[-1] for r in mains], seed=seed),
+                       "final_entropy": stats.interval([r.by_temperature[t].entropy[-1] for r in mains], seed=seed)}
+            for t in (mains[0].by_temperature if mains else {})}
+
+
+def paraphrases(study, seed: int) -> dict | None:
+    """How much the wording matters, over the facts asked in two or more wordings (completion format), each fact
+    one unit (its wordings are not independent prompts): the mean share of a fact's wordings that are right;
+    the share of facts whose wordings all agree (all right or all wrong); the median spread (largest minus
+    smallest) of the top-1-for-good depth over the facts where two or more wordings resolve. None without
+    such facts."""
+    wordings: dict[str, list] = {}
+    for r in study.readings:
+        if r.probe is None and r.prompt.format == "completion":
+            wordings.setdefault(r.prompt.fact_id, []).append(r)
+    facts = [group for group in wordings.values() if len(group) > 1]
+    if not facts:
+        return None
+    right = [[r.lens.final_rank == 0 for r in group] for group in facts]
+    depths = [[d for d in (r.lens.resolution().first_top1_depth for r in group) if d is not None] for group in facts]
+    return {"facts": len(facts), "wordings": sum(map(len, facts)),
+            "accuracy_per_fact": stats.interval([sum(flags) / len(flags) for flags in right], seed=seed),
+            "wordings_agree": stats.proportion([len(set(flags)) == 1 for flags in right], seed=seed),
+            "first_top1_depth_spread": stats.interval([max(d) - min(d) for d in depths if len(d) > 1], "median",
+                                                      seed=seed)}
+
+
 def layer_band(readings, quantity: str, seed: int) -> dict:
     """The mean of one LensTrajectory curve (e.g. "target_prob", "entropy") per layer over `readings`, with its
     pointwise 95% band: {"value": [layers], "ci95": [[lo per layer], [hi per layer]], "n"}."""
@@ -74,6 +105,10 @@ def statistics(study, seed: int) -> dict:
         bias = probe_bias(study, kind, seed)
         if bias is not None:
             out[f"{kind}_bias_final_p"] = bias
+    out["by_temperature"] = by_temperature(study, seed)
+    wording = paraphrases(study, seed)
+    if wording is not None:
+        out["paraphrases"] = wording
     return out
 
 

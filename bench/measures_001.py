@@ -9,7 +9,12 @@ PROMPT = "The capital of France is"
 def lens_sweep_vs_forward() -> float:
     """001's whole per-prompt work (forward with the cache + all-layer lens) / one plain HF forward.
 
-    Both sides compute logits for the last position only (the lens reads that position), timed in turns."""
+    Both sides compute logits for the last position only (the lens reads that position), timed in turns.
+    Also prints the floor that no lens implementation can go under: the plain forward plus the one step the
+    lens cannot skip, unembedding every layer's residual (n_layers + 1 rows of [vocab, d_model]), over the
+    forward. With SmolLM2's 49k-token vocabulary and 576-wide residual that step alone is ~0.4 forwards on
+    2 CPU cores; at an 8B model's shapes it is a few percent of a forward (4096 x 128k per layer against
+    ~218M weights per layer)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -21,8 +26,13 @@ def lens_sweep_vs_forward() -> float:
     plain = AutoModelForCausalLM.from_pretrained(model.folder, dtype=torch.float32).eval()  # HF defaults
     ids = encode(model, PROMPT)
     target = target_token(model.tokenizer, PROMPT, "Paris").token_id
+    resid, _ = lens.residual_stream(model, ids)  # [n_layers + 1, d_model]
     times = alternating_medians({"forward": lambda: plain(ids, logits_to_keep=1),
-                                 "sweep": lambda: lens.sweep(model, ids, target, use_norm=True, top_k=5)})
+                                 "sweep": lambda: lens.sweep(model, ids, target, use_norm=True, top_k=5),
+                                 "floor": lambda: (plain(ids, logits_to_keep=1), lens.unembed(model, resid, True))})
+    print(f"  floor (plain forward + unembedding the {model.n_layers + 1} layers, nothing else) / forward: "
+          f"{times['floor'] / times['forward']:.3f}; medians " + ", ".join(
+              f"{name} {seconds * 1000:.1f} ms" for name, seconds in times.items()), flush=True)
     return times["sweep"] / times["forward"]
 
 

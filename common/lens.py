@@ -108,13 +108,16 @@ def key_layers(n_layers: int) -> list[int]:
 # ----------------------------------------------------------------------------- self-checks of a sweep
 
 
-def check_lens_matches_logits(model, resid_last: torch.Tensor, model_logits: torch.Tensor) -> dict:
+def check_lens_matches_logits(model, resid_last: torch.Tensor, model_logits: torch.Tensor,
+                              norm_lens_last: torch.Tensor | None = None) -> dict:
     """The lens invariant: the NORM lens of the last layer must reproduce the model's own logits.
 
-    resid_last: [d_model]; model_logits: [vocab]. Tolerance: 1e-4 in float32, common.checks' share of the
-    logits' scale in half precision.
+    resid_last: [d_model]; model_logits: [vocab]. norm_lens_last: [vocab], the NORM lens's last row when the
+    sweep already computed it (then the reported row itself is checked, and the unembedding, a memory-bound
+    read of the whole [vocab, d_model] matrix for one row, is not repeated); None = unembed resid_last here.
+    Tolerance: 1e-4 in float32, common.checks' share of the logits' scale in half precision.
     """
-    lens = unembed(model, resid_last, use_norm=True)
+    lens = unembed(model, resid_last, use_norm=True) if norm_lens_last is None else norm_lens_last.float()
     diff = (lens - model_logits.float()).abs().max().item()
     return check("NORM lens at the last layer == model logits", diff, tolerance(model.dtype, model_logits, 1e-4))
 
@@ -265,7 +268,7 @@ def read_trajectories(model, resid: torch.Tensor, model_logits: torch.Tensor, le
     d_model], the model's own logits [vocab] and the lens logits [n_layers + 1, vocab] (`sweep`, `sweeps`)."""
     metrics = metrics_by_temperature(lens_logits, target_id, top_k, temperatures)
     label, final_logits = ("NORM lens", model_logits) if use_norm else ("RAW lens", None)
-    checks = [check_lens_matches_logits(model, resid[-1], model_logits)]
+    checks = [check_lens_matches_logits(model, resid[-1], model_logits, lens_logits[-1] if use_norm else None)]
     checks += metric_checks(label, lens_logits, final_logits, target_id, metrics, model.dtype)
     return trajectories(model, metrics, checks)
 

@@ -1,8 +1,9 @@
 """Progress bars for every wait longer than a few seconds: a count, a rate and an ETA, on stderr.
 
-One wrapper around tqdm so every loop in the lab looks the same. In a terminal the bar redraws in place;
-when stderr is not a terminal (pytest, CI, a log file) it prints at most a few lines per loop, so logs
-stay readable.
+One wrapper around tqdm so every loop in the lab looks the same. In a terminal the bar redraws in place
+(a loop inside another gets its own line below, gone when it ends). When stderr is not a terminal (pytest,
+CI, a log file) a bar prints at most a few lines, and a loop inside another loop's bar prints nothing (004's
+batches inside its pairs would fill a log with a few hundred lines), so logs stay readable.
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from typing import Iterable, TypeVar
 from tqdm.auto import tqdm
 
 T = TypeVar("T")
-LOG_LINES = 4  # at most this many lines per loop when stderr is not a terminal
+LOG_LINES = 4  # at most this many updates per loop when stderr is not a terminal
+_open_in_log: list = []  # the bars printing to a log now (not a terminal): a bar opened inside one stays silent
 
 
 def _is_terminal() -> bool:
@@ -29,10 +31,16 @@ def bar(description: str, total: int | None, unit: str = "it", iterable=None) ->
     if _is_terminal():
         return tqdm(iterable, desc=description, total=total, unit=unit, file=sys.stderr, dynamic_ncols=True,
                     leave=False)
-    # Not a terminal: plain ASCII, and a refresh only about every 1/LOG_LINES of the way (not every step).
-    every = max(1, (total or 0) // LOG_LINES) if total else 1
-    return tqdm(iterable, desc=description, total=total, unit=unit, file=sys.stderr, ncols=80,
-                miniters=every, mininterval=30.0 if not total else 0.0, maxinterval=float("inf"), ascii=True)
+    # Not a terminal: plain ASCII, and a refresh only every 1/LOG_LINES of the way (not every step); nothing at
+    # all inside another bar. tqdm marks a closed bar `disable`.
+    _open_in_log[:] = [b for b in _open_in_log if not b.disable]
+    every = -(-total // LOG_LINES) if total else 1
+    progress_bar = tqdm(iterable, desc=description, total=total, unit=unit, file=sys.stderr, ncols=80,
+                        miniters=every, mininterval=30.0 if not total else 0.0, maxinterval=float("inf"), ascii=True,
+                        disable=bool(_open_in_log))
+    if not progress_bar.disable:
+        _open_in_log.append(progress_bar)
+    return progress_bar
 
 
 def _length(items) -> int | None:

@@ -398,3 +398,30 @@ def test_statistics_carry_intervals_and_match_the_prompts(norm_and_raw_runs):
     assert len(band["value"]) == 31 and band["n"] == len(mains)
     assert all(lo <= v <= hi for v, lo, hi in zip(band["value"], *band["ci95"]))
     assert "direction_bias_final_p" in stats and stats["direction_bias_final_p"]["n"] >= 1
+
+
+def test_temperature_and_paraphrase_statistics_match_the_prompts(norm_and_raw_runs):
+    """The temperature means and the paraphrase statistics (each fact one unit) recomputed from the prompts."""
+    out, _, _ = norm_and_raw_runs
+    norm = next(r for r in (json.loads((f / "results.json").read_text()) for f in run_folders(out))
+                if r["lens"] == "norm")
+    mains = [p for p in norm["prompts"] if p["format"] == "completion" and p["variant"] == 0 and p["probe"] is None]
+    by_temperature = norm["statistics"]["by_temperature"]
+    assert len(by_temperature) >= 2 and "1" in by_temperature
+    for prompt_entry in mains[0]["temperatures"]:
+        record = by_temperature[f"{prompt_entry['temperature']:g}"]
+        at = [next(t for t in p["temperatures"] if t["temperature"] == prompt_entry["temperature"]) for p in mains]
+        assert record["final_p_target"]["value"] == pytest.approx(np.mean([t["target_prob"][-1] for t in at]))
+        assert record["final_entropy"]["n"] == len(mains)
+    wordings = {}
+    for p in norm["prompts"]:
+        if p["format"] == "completion" and p["probe"] is None:
+            wordings.setdefault(p["fact_id"], []).append(p["layers"][-1]["target_rank"] == 0)
+    facts = [flags for flags in wordings.values() if len(flags) > 1]
+    paraphrases = norm["statistics"]["paraphrases"]
+    assert paraphrases["facts"] == len(facts) >= 2
+    assert paraphrases["accuracy_per_fact"]["value"] == pytest.approx(np.mean([np.mean(f) for f in facts]))
+    assert paraphrases["wordings_agree"]["value"] == pytest.approx(np.mean([len(set(f)) == 1 for f in facts]))
+    report = next(f / "report.md" for f in run_folders(out)
+                  if json.loads((f / "results.json").read_text())["lens"] == "norm").read_text()
+    assert "Paraphrases (" in report and "mean entropy (nats)" in report

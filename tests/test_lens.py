@@ -16,6 +16,16 @@ def test_norm_lens_at_last_layer_equals_logits(tiny):
     assert check["max_abs_diff"] <= 1e-4
 
 
+def test_lens_check_reads_the_reported_row(tiny):
+    """Given the sweep's own NORM row, the invariant checks that row: the right one passes, a RAW row fails."""
+    ids = encode(tiny, "The capital of France is")
+    resid, logits = lens.residual_stream(tiny, ids)
+    norm_rows, raw_rows = lens.unembed(tiny, resid, use_norm=True), lens.unembed(tiny, resid, use_norm=False)
+    assert lens.check_lens_matches_logits(tiny, resid[-1], logits, norm_rows[-1])["passed"]
+    assert not lens.check_lens_matches_logits(tiny, resid[-1], logits, raw_rows[-1])["passed"]
+    assert lens.sweep(tiny, ids, 0, use_norm=False)[1.0].check["passed"]  # RAW sweeps unembed the NORM row apart
+
+
 def test_norm_lens_on_embedded_model(embedded):
     ids = encode(embedded, "The capital of France is")
     result = lens.sweep(embedded, ids, target_id=0)[1.0]
