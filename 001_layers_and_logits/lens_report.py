@@ -385,9 +385,12 @@ def section_direction(study: ModelStudy) -> list[str]:
     out = []
     for kind, title, text in (
             ("direction", "Directional bias: the same fact asked both ways",
-             "Forward asks for the attribute (France -> Paris); reverse asks back (Paris -> France)."),
+             "Forward asks for the attribute (France -> Paris); reverse asks back (Paris -> France). Both sides "
+             "start with the same two worked examples in their own direction (facts that are not probed), so the "
+             "next word is the answer rather than ' the'."),
             ("answer_position", "Answer-position bias: options in both orders",
-             "The same question with the right option named first, then second.")):
+             "The same question with the right option named first, then second, after two worked examples (one "
+             "answered with the first option, one with the second).")):
         chosen = [r for r in study.readings if r.probe == kind]
         if not chosen:
             continue

@@ -56,6 +56,7 @@ from common.config import parse_toggles  # noqa: E402
 from common.facts import facts_in_turns  # noqa: E402
 from common.errors import LabError  # noqa: E402
 from common.models import load_model, resolve_model  # noqa: E402
+from common.progress import progress  # noqa: E402
 from common.prompts import (PROMPT_FORMATS, Prompt, encode, load_facts, load_prompts_file, render_fact,  # noqa: E402
                             target_token, token_strings)
 from lens_report import (EXPERIMENT, PROBES, ModelStudy, PromptReading, comparison_figure,  # noqa: E402
@@ -167,11 +168,14 @@ def read_other_lenses(cfg, model, study: ModelStudy, ids: list, trained):
     trained tuned lens, every prompt through it too."""
     readings = study.readings
     main = [k for k, reading in enumerate(readings) if study.is_main(reading)]
+    other_name = "RAW" if cfg.USE_NORM_LENS else "NORM"
     other = lens.sweeps(model, [ids[k] for k in main], [readings[k].target.token_id for k in main],
-                        not cfg.USE_NORM_LENS, cfg.TOP_K, batch_size=cfg.BATCH_SIZE)
+                        not cfg.USE_NORM_LENS, cfg.TOP_K, batch_size=cfg.BATCH_SIZE,
+                        description=f"{model.name}: {other_name} lens beside it, main prompts")
     for k, sweep in zip(main, other):
         readings[k].other_lens = sweep[1.0]
-    for reading, prompt_ids in zip(readings, ids) if trained else ():
+    for reading, prompt_ids in progress(list(zip(readings, ids)), f"{model.name}: tuned lens", unit="prompt") \
+            if trained else ():
         reading.tuned = tuned_lens.tuned_sweep(model, trained.lens, prompt_ids, reading.target.token_id, cfg.TOP_K)
 
 

@@ -184,6 +184,7 @@ class AcrossPrompts:
     notes_002: list[str] = field(default_factory=list)  # 002 runs passed over, and why
     split: dict = field(default_factory=dict)  # attention vs MLPs over the prompts (`attention_vs_mlps`)
     split_by_relation: dict = field(default_factory=dict)  # {relation: the same} where n >= MIN_PER_RELATION
+    direct_vs_total: dict = field(default_factory=dict)  # _agreement_over_every_component
 
     @classmethod
     def of(cls, results: list[PromptResult], top_k: int, run_002: HeadRanking | None,
@@ -201,7 +202,8 @@ class AcrossPrompts:
                    mean_subject_attention=subject,
                    frequent_heads=_frequent_heads(results, heads, counts, subject, seed),
                    subject_heads=_subject_heads(heads, counts, subject, top_k), run_002=run_002, notes_002=notes_002,
-                   split=attention_vs_mlps(results, seed), split_by_relation=_split_by_relation(results, seed))
+                   split=attention_vs_mlps(results, seed), split_by_relation=_split_by_relation(results, seed),
+                   direct_vs_total=_agreement_over_every_component(results, top_k, seed))
 
     def as_record(self, root: Path) -> dict:
         subject = self.mean_subject_attention
@@ -210,6 +212,7 @@ class AcrossPrompts:
                 "mean_mlps": self.mean_mlps.tolist(),
                 "mean_subject_attention": subject.tolist() if subject is not None else None,
                 "attention_vs_mlps": self.split, "attention_vs_mlps_by_relation": self.split_by_relation,
+                "direct_vs_total": self.direct_vs_total,
                 "frequent_heads": [asdict(h) for h in self.frequent_heads],
                 "subject_heads": [asdict(h) for h in self.subject_heads],
                 "run_002": self.run_002.as_record(root) if self.run_002 else None}
@@ -224,6 +227,23 @@ def attention_vs_mlps(results: list[PromptResult], seed: int = 0) -> dict:
     return {"attention": stats.interval(attention, seed=seed), "mlps": stats.interval(mlps, seed=seed),
             "attention_minus_mlps": stats.paired_difference(attention, mlps, seed=seed),
             "attention_share": stats.interval([r.attribution.attention_share() for r in results], seed=seed)}
+
+
+def _agreement_over_every_component(results: list[PromptResult], top_k: int, seed: int) -> dict:
+    """How well the direct effect (DLA) ranks the total effect (ablation) over every head and MLP, across the
+    prompts where each was ablated alone (ABLATE_EVERY_PROMPTS): per kind, the median Spearman correlation and
+    the mean overlap of the top-k by |direct| and by |total|, with intervals. {} when no prompt was."""
+    every = [r for r in results if r.ablated_every]
+    if not every:
+        return {}
+    out = {"n_prompts": len(every)}
+    for _, plural in KINDS:
+        agreements = [r.agreement(top_k)[plural] for r in every]
+        out[plural] = {"spearman_median": stats.interval([a["spearman"] if a["spearman"] == a["spearman"] else None
+                                                          for a in agreements], "median", seed=seed),
+                       "top_k_overlap_mean": stats.interval([a["top_k_overlap"] for a in agreements], seed=seed),
+                       "k": agreements[0]["k"]}
+    return out
 
 
 def _split_by_relation(results: list[PromptResult], seed: int) -> dict:
@@ -561,6 +581,22 @@ def disagreements(r: PromptResult, top_k: int, ablate_every: bool) -> list[str]:
     return lines
 
 
+def _agreement_summary(results: CircuitResults) -> list[str]:
+    """The direct-vs-total agreement over every component, summarized across the prompts ablated in full."""
+    summary = results.across.direct_vs_total
+    if not summary:
+        return []
+    n = summary["n_prompts"]
+    lines = [f"Over every head and MLP, on the {n} prompt{'s' * (n != 1)} where each was ablated alone "
+             "(95% bootstrap intervals over those prompts):", ""]
+    for _, plural in KINDS:
+        g = summary[plural]
+        lines.append(f"- {plural}: Spearman(direct, total), median {interval_text(g['spearman_median'])}; of the "
+                     f"top {g['k']} by |direct|, also top {g['k']} by |total|: mean "
+                     f"{interval_text(g['top_k_overlap_mean'], 2)}.")
+    return lines + [""]
+
+
 def _agreement_table(results: CircuitResults) -> list[str]:
     """Across prompts: how well direct and total effects agree, and what the joint ablations do."""
     k, metric, rows = results.top_k, results.metric, []
@@ -571,7 +607,7 @@ def _agreement_table(results: CircuitResults) -> list[str]:
                      g["heads"]["sign_flips_in_top_k"], g["mlps"]["spearman"], g["mlps"]["top_k_overlap"],
                      g["mlps"]["sign_flips_in_top_k"], -heads.total_effect, heads.target_prob,
                      -mlps.total_effect, mlps.target_prob])
-    return ["## Across prompts: direct vs total effect", "",
+    return ["## Across prompts: direct vs total effect", "", *_agreement_summary(results),
             f"Per prompt: rank agreement of direct and total effects (Spearman, over the components ablated alone), "
             f"how many of the top {k} by |direct| are also top {k} by |total|, sign flips among "
             "them, and what ablating the positive top writers together does to the metric and p(target). "

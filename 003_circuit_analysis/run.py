@@ -33,7 +33,7 @@ METRIC = "logit"  # one of "logit" or "logit_diff": the target's logit, or logit
 TOP_K = 10  # how many heads and MLPs to list and ablate (top by |attribution|)
 ABLATION = "zero"  # one of "zero" or "mean": what an ablated head or MLP outputs ("mean" = its mean over the prompt's positions)
 ABLATE_EVERY = True  # also ablate every head and every MLP alone on the first ABLATE_EVERY_PROMPTS prompts: the full ranking by total effect (slower)
-ABLATE_EVERY_PROMPTS = 8  # with ABLATE_EVERY: on how many prompts (the first ones; ~300 forward passes each); the others get the top-k only
+ABLATE_EVERY_PROMPTS = 18  # with ABLATE_EVERY: on how many prompts, the first ones (prompts.json's 8, then one fact per relation; ~300 forward passes each); the others get the top-k only
 BATCH_SIZE = "auto"  # ablated copies of a prompt per forward pass: "auto" = from free memory and the model's shapes, or a number
 DEVICE = "auto"  # one of "auto", "mps", "cuda" or "cpu": "auto" = mps, else cuda, else cpu
 DTYPE = "auto"  # one of "auto", "float16", "bfloat16" or "float32": "auto" = float16 on a GPU, bfloat16 for Gemma, float32 on the cpu

@@ -85,11 +85,35 @@ def patching_default_vs_exhaustive() -> float:
     print(f"  patched runs in the grids (cells that write something new), default / exhaustive: {rows['top']} / "
           f"{rows['all']} = {rows['top'] / rows['all']:.3f}: the ratio if nothing but those runs took time",
           flush=True)
+    print("  the same count at the lab's 7-9B shapes (these pairs' changed cells scaled to each model's layers and "
+          "heads; arithmetic, not timed): " + ", ".join(
+              f"{name} {ratio:.3f}" for name, ratio in grid_runs_at_scale(results["top"]["pairs"]).items()), flush=True)
     same_heads = sum(_top(full["exact"]["head_final"], 5) == _top(top["exact"]["head_final"], 5) for top, full in pairs)
     same_switch = sum(top["link_to_001"]["switch_layer"] == full["link_to_001"]["switch_layer"] for top, full in pairs)
     print(f"  same top-5 heads (head_final) on {same_heads} of {len(pairs)} pairs; same switch layer on "
           f"{same_switch}; {times['top']:.0f} s vs {times['all']:.0f} s", flush=True)
     return times["top"] / times["all"]
+
+
+def grid_runs_at_scale(pairs: list[dict], top_k: int = 20) -> dict:
+    """{model: default / exhaustive patched runs in the grids} for the seed models' configs (model-configs/), from
+    one run's pairs: each grid's changed cells scaled from the run's model to that model's layers (resid: layers
+    + 1) and heads (every head cell changes), EXACT_TOP_K cells confirmed per head, attention and MLP grid."""
+    from common.standins import SEED_MODELS, seed_config
+    out = {}
+    for name in SEED_MODELS:
+        config = seed_config(name)
+        layers, heads = config.num_hidden_layers, config.num_attention_heads
+        top = everything = 0
+        for pair in pairs:
+            run_layers = len(pair["exact"]["mlp"])
+            changed = pair["changed_cells"]
+            resid = changed["resid"] * (layers + 1) / (run_layers + 1)
+            blocks = [changed[g] * layers / run_layers for g in ("attn", "mlp")] + [layers * heads] * 2
+            top += resid + sum(min(top_k, cells) for cells in blocks)
+            everything += resid + sum(blocks)
+        out[name] = top / everything
+    return out
 
 
 MEASURES = [

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -422,9 +423,17 @@ def test_tiny_gemma2_run_with_mean_ablation_of_every_component(tiny_folders, tmp
     # Every head alone on the first prompt only (ABLATE_EVERY_PROMPTS=1); the top-k on the second.
     assert [p["ablated_every"] for p in results["prompts"]] == [True, False] and results["ablated_every"] == 1
     assert [len([a for a in p["ablations"] if a["kind"] == "head"]) for p in results["prompts"]] == [16, 2]
+    # The direct-vs-total summary is over the prompt ablated in full only: its Spearman, recomputed with numpy.
+    heads = [a for a in results["prompts"][0]["ablations"] if a["kind"] == "head"]
+    direct_ranks, total_ranks = (np.argsort(np.argsort([-a[key] for a in heads], kind="stable"), kind="stable")
+                                 for key in ("direct_effect", "total_effect"))
+    summary = results["across_prompts"]["direct_vs_total"]
+    assert summary["n_prompts"] == 1
+    assert summary["heads"]["spearman_median"]["value"] == pytest.approx(np.corrcoef(direct_ranks, total_ranks)[0, 1])
     report = (folder / "report.md").read_text()
     assert "before** the soft-cap" in report and "PASS: soft-cap 30" in report
     assert "ean ablation" in report  # the measured note on position 0's share of the mean
+    assert "on the 1 prompt where each was ablated alone" in report
 
 
 def _write(path, text):

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import ARCHITECTURES, REPO, run_folders, run_script  # noqa: F401
+from conftest import run_folders, run_script
 
 
 @pytest.fixture(scope="module")
