@@ -107,11 +107,15 @@ def test_all_formats_paraphrases_and_probes_are_recorded(norm_and_raw_runs):
     assert qa["prompt"].startswith("Question: ") and qa["prompt"].endswith("\nAnswer:")
     chat = by_kind[("chat", False, None)][0]
     assert "<|im_start|>assistant\n" in chat["prompt"] and chat["prompt"].endswith(facts[0]["completions"][0])
+    # Temperature keeps the order, but dividing by T in float32 can round two logits one ulp apart to a tie (2 of
+    # 75888 ranks in the default run moved by 1); the run's self-check counts ranks in the divided row exactly.
+    rank_changes = []
     for p in norm["prompts"]:
         temps = {t["temperature"]: t for t in p["temperatures"]}
         assert set(temps) == {0.5, 1.0, 1.5, 2.0}
         assert temps[1.0]["target_prob"] == [layer["target_prob"] for layer in p["layers"]]
-        assert all(t["target_rank"] == temps[1.0]["target_rank"] for t in temps.values())
+        rank_changes += [abs(a - b) for t in temps.values()
+                         for a, b in zip(t["target_rank"], temps[1.0]["target_rank"])]
         assert temps[0.5]["entropy"][-1] <= temps[1.0]["entropy"][-1] <= temps[2.0]["entropy"][-1]
         resolution = p["resolution"]
         if p["layers"][-1]["target_rank"] == 0:
@@ -120,11 +124,19 @@ def test_all_formats_paraphrases_and_probes_are_recorded(norm_and_raw_runs):
             assert first == 0 or p["layers"][first - 1]["target_rank"] > 0
         else:
             assert resolution["first_top1_layer"] is None
+    assert max(rank_changes) <= 1 and sum(change > 0 for change in rank_changes) <= len(rank_changes) // 1000
+    assert "PASS: NORM lens: target rank at T = 0.5, 1, 1.5, 2 ==" in norm_report(out)
 
 
 # The facts of the first runs, all answered by SmolLM2; the larger set keeps facts a model gets wrong.
 FIRST_FACTS = ("france_capital", "germany_capital", "japan_capital", "england_capital", "gold_symbol",
                "romeo_author", "first_president", "opposite_hot")
+
+
+def norm_report(out) -> str:
+    """report.md of the NORM run among the run folders under `out`."""
+    return next((f / "report.md").read_text() for f in run_folders(out)
+                if json.loads((f / "results.json").read_text())["lens"] == "norm")
 
 
 def test_norm_lens_resolves_late_and_raw_differs(norm_and_raw_runs):
