@@ -8,13 +8,16 @@ batches inside its pairs would fill a log with a few hundred lines), so logs sta
 from __future__ import annotations
 
 import sys
+import weakref
 from typing import Iterable, TypeVar
 
 from tqdm.auto import tqdm
 
 T = TypeVar("T")
 LOG_LINES = 4  # at most this many updates per loop when stderr is not a terminal
-_open_in_log: list = []  # the bars printing to a log now (not a terminal): a bar opened inside one stays silent
+# The bars printing to a log (not a terminal): a bar opened while one of them is open stays silent. Weak
+# references, so a bar left unfinished (an exception, a break) and dropped does not silence the ones after it.
+_open_in_log: weakref.WeakSet = weakref.WeakSet()
 
 
 def _is_terminal() -> bool:
@@ -33,13 +36,13 @@ def bar(description: str, total: int | None, unit: str = "it", iterable=None) ->
                     leave=False)
     # Not a terminal: plain ASCII, and a refresh only every 1/LOG_LINES of the way (not every step); nothing at
     # all inside another bar. tqdm marks a closed bar `disable`.
-    _open_in_log[:] = [b for b in _open_in_log if not b.disable]
+    inside_another = any(not b.disable for b in _open_in_log)
     every = -(-total // LOG_LINES) if total else 1
     progress_bar = tqdm(iterable, desc=description, total=total, unit=unit, file=sys.stderr, ncols=80,
                         miniters=every, mininterval=30.0 if not total else 0.0, maxinterval=float("inf"), ascii=True,
-                        disable=bool(_open_in_log))
+                        disable=inside_another)
     if not progress_bar.disable:
-        _open_in_log.append(progress_bar)
+        _open_in_log.add(progress_bar)
     return progress_bar
 
 

@@ -42,3 +42,12 @@ def test_hand_updated_bars_nest_the_same_way(monkeypatch):
                 outer.update(1)
     text = _log_of(monkeypatch, work)
     assert _updates(text, "inner") == 0 and _updates(text, "training") >= 1
+
+
+def test_an_abandoned_bar_does_not_silence_the_next_one(monkeypatch):
+    def work():
+        for _ in progress.progress(range(10), "left"):
+            break  # the generator (and its bar) is dropped unfinished
+        list(progress.progress(range(5), "next"))
+    text = _log_of(monkeypatch, work)
+    assert _updates(text, "next") >= 1
